@@ -1,0 +1,82 @@
+"""Application configuration: the validated `args` of `serve_config.yaml` (one place for every knob)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    path: str | None = Field(
+        default=None,
+        description="A Hugging Face model directory (transformers engine) or a trtllm-build engine directory. "
+        "None serves the embedded default model, built locally on first start.",
+    )
+    tokenizer_path: str | None = Field(
+        default=None, description="Tokenizer directory when it is not inside `path` (TensorRT-LLM engines)."
+    )
+    served_model_name: str | None = Field(
+        default=None, description="The `model` id clients send; defaults to the directory name."
+    )
+    max_model_len: int | None = Field(
+        default=None, gt=0, description="Context window in tokens; defaults to the model's own."
+    )
+    embedded_seed: int = Field(default=0, description="Seed of the embedded default model.")
+    cache_dir: str | None = Field(
+        default=None, description="Where the embedded model is cached (default ~/.cache/shepherd-serve)."
+    )
+
+
+class TransformersEngineConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="`auto` picks CUDA when visible.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Weights dtype.")
+    attn_implementation: str = Field(default="sdpa", description="`sdpa` or `eager` (paged on CPU and GPU).")
+    num_blocks: int = Field(default=128, gt=0, description="KV-cache pages; set explicitly (auto-sizing grabs GiBs).")
+    page_size: int = Field(default=64, gt=0, description="Tokens per KV-cache page.")
+    max_batch_tokens: int = Field(default=512, gt=0, description="Tokens per forward step (prefill chunking).")
+    max_requests_per_batch: int = Field(default=64, gt=0, description="Concurrent sequences per step.")
+    enable_prefix_sharing: bool = Field(default=True, description="Reuse KV blocks of shared prefixes.")
+    use_cuda_graph: bool = Field(default=False, description="CUDA graphs on GPU (ignored on CPU).")
+    scheduler: Literal["fifo", "prefill_first"] = Field(default="fifo", description="CB scheduler.")
+
+
+class EngineConfig(_Strict):
+    kind: Literal["transformers", "trtllm"] = Field(
+        default="transformers", description="Which executor each engine replica owns."
+    )
+    num_replicas: int = Field(default=1, ge=1, description="Engine replicas.")
+    num_cpus_per_replica: float = Field(default=1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus_per_replica: int = Field(
+        default=0, ge=0, description="GPUs per replica (TensorRT-LLM: tp_size * pp_size of the engine)."
+    )
+    max_ongoing_requests: int = Field(default=256, gt=0, description="In-flight requests per replica.")
+    health_check_period_s: float = Field(default=10.0, gt=0, description="Serve health-check period.")
+    transformers: TransformersEngineConfig = Field(default_factory=TransformersEngineConfig)
+    trtllm: dict[str, object] = Field(default_factory=dict, description="TensorRT-LLM executor settings.")
+
+
+class RouterConfig(_Strict):
+    num_replicas: int = Field(default=1, ge=1, description="Router (HTTP ingress) replicas.")
+    num_cpus_per_replica: float = Field(default=0.5, ge=0, description="CPUs reserved per router replica.")
+    max_ongoing_requests: int = Field(default=1024, gt=0, description="In-flight HTTP requests per replica.")
+    default_max_tokens: int = Field(
+        default=256, gt=0, description="`max_tokens` when a request gives none (capped by the context window)."
+    )
+
+
+class AppConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+
+    @model_validator(mode="after")
+    def _check_engine_model(self) -> AppConfig:
+        if self.engine.kind == "trtllm" and self.model.path is None:
+            raise ValueError("engine.kind=trtllm needs model.path (a trtllm-build engine directory)")
+        return self

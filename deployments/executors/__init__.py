@@ -1,0 +1,1 @@
+"""Engine backends behind one Executor contract (see `base.Executor`)."""

@@ -1,0 +1,228 @@
+"""The Executor contract every engine backend meets, and the one place engine threads cross into asyncio."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable
+
+from deployments.errors import EngineDead, EngineError
+from deployments.messages import (
+    EngineCapabilities,
+    ExecutorStats,
+    FinishReason,
+    GenerateRequest,
+    TokenDelta,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class DeltaCollector:
+    """A one-slot mailbox per request: deltas merge while the consumer lags, so memory stays bounded
+    and the consumer always receives everything ready in one item (no batching timer)."""
+
+    __slots__ = ("_error", "_event", "_pending")
+
+    def __init__(self) -> None:
+        self._pending: TokenDelta | None = None
+        self._error: BaseException | None = None
+        self._event = asyncio.Event()
+
+    def put(self, delta: TokenDelta) -> None:
+        if self._pending is None:
+            self._pending = delta
+        else:
+            self._pending.merge(delta)
+        self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    async def get(self) -> TokenDelta:
+        await self._event.wait()
+        self._event.clear()
+        if self._pending is not None:
+            delta, self._pending = self._pending, None
+            return delta
+        assert self._error is not None
+        raise self._error
+
+
+class StopSequenceMatcher:
+    """Holds back tokens that could begin a stop sequence, so a matched sequence never reaches the client.
+
+    Used by backends whose engine cannot stop on token sequences itself (transformers CB).
+    """
+
+    __slots__ = ("_held", "_sequences")
+
+    def __init__(self, sequences: Iterable[tuple[int, ...]]) -> None:
+        self._sequences = [tuple(s) for s in sequences if s]
+        self._held: list[int] = []
+
+    def feed(self, token_ids: list[int]) -> tuple[list[int], bool]:
+        """Returns (tokens safe to emit, whether a stop sequence matched)."""
+        if not self._sequences:
+            return token_ids, False
+        emitted: list[int] = []
+        for token_id in token_ids:
+            self._held.append(token_id)
+            for seq in self._sequences:
+                if len(self._held) >= len(seq) and tuple(self._held[-len(seq) :]) == seq:
+                    emitted.extend(self._held[: -len(seq)])
+                    self._held = []
+                    return emitted, True
+            keep = self._longest_prefix_suffix()
+            if keep < len(self._held):
+                cut = len(self._held) - keep
+                emitted.extend(self._held[:cut])
+                self._held = self._held[cut:]
+        return emitted, False
+
+    def flush(self) -> list[int]:
+        held, self._held = self._held, []
+        return held
+
+    def _longest_prefix_suffix(self) -> int:
+        """Length of the longest tail of the held tokens that is a proper prefix of some stop sequence."""
+        best = 0
+        for seq in self._sequences:
+            for n in range(min(len(seq) - 1, len(self._held)), best, -1):
+                if tuple(self._held[-n:]) == seq[:n]:
+                    best = n
+                    break
+        return best
+
+
+class Executor(abc.ABC):
+    """An engine that turns `GenerateRequest`s into streams of `TokenDelta`s.
+
+    Subclasses implement `_submit` and `_cancel`; engine threads hand results over with `deliver_threadsafe`
+    (or `deliver` when already on the loop). `generate` is the only entry point callers use.
+    Threading: every public method runs on the replica's event loop.
+    """
+
+    capabilities = EngineCapabilities()
+
+    def __init__(self) -> None:
+        self._collectors: dict[str, DeltaCollector] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dead_reason: str | None = None
+        self._num_submitted = 0
+        self._num_finished = 0
+        self._num_cancelled = 0
+        self._num_generated_tokens = 0
+
+    # ---- contract --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _submit(self, request: GenerateRequest) -> None:
+        """Hand the request to the engine; must not block the loop."""
+
+    @abc.abstractmethod
+    def _cancel(self, request_id: str) -> None:
+        """Ask the engine to stop a request; the final CANCELLED delta may come from the engine or not at all."""
+
+    async def start(self) -> None:
+        """Bind to the running loop; subclasses extend this to start their threads."""
+        self._loop = asyncio.get_running_loop()
+
+    async def shutdown(self) -> None:
+        """Stop the engine; pending requests fail with EngineDead."""
+        self._mark_dead("executor shut down")
+
+    def queue_depth(self) -> int:
+        return 0
+
+    # ---- what callers use ------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        """Submit `request` and yield its deltas until one carries a finish reason.
+
+        Yields:
+            TokenDelta with only new tokens; everything ready is merged into one delta.
+        Raises:
+            EngineDead: the engine stopped; EngineError: the engine failed this request.
+        A cancelled or closed consumer cancels the engine request.
+        """
+        if self._dead_reason is not None:
+            raise EngineDead(self._dead_reason)
+        if request.request_id in self._collectors:
+            raise EngineError(f"duplicate request id {request.request_id!r}")
+        collector = DeltaCollector()
+        self._collectors[request.request_id] = collector
+        self._num_submitted += 1
+        is_finished = False
+        try:
+            self._submit(request)
+            while not is_finished:
+                delta = await collector.get()
+                self._num_generated_tokens += len(delta.token_ids)
+                is_finished = delta.is_final
+                yield delta
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: free the engine slot, then let cancellation propagate.
+            if not is_finished:
+                self._num_cancelled += 1
+                self._cancel(request.request_id)
+            raise
+        finally:
+            self._collectors.pop(request.request_id, None)
+            if is_finished:
+                self._num_finished += 1
+
+    def stats(self) -> ExecutorStats:
+        return ExecutorStats(
+            num_active_requests=len(self._collectors),
+            num_queued_requests=self.queue_depth(),
+            num_submitted_requests=self._num_submitted,
+            num_finished_requests=self._num_finished,
+            num_cancelled_requests=self._num_cancelled,
+            num_generated_tokens=self._num_generated_tokens,
+        )
+
+    def check_health(self) -> None:
+        """Raises EngineDead once the engine can no longer serve."""
+        if self._dead_reason is not None:
+            raise EngineDead(self._dead_reason)
+
+    # ---- for subclasses: handing results over ------------------------------------------------------
+    def deliver(self, request_id: str, delta: TokenDelta) -> None:
+        """On the loop: route a delta to its request (late deltas for finished requests are dropped)."""
+        collector = self._collectors.get(request_id)
+        if collector is not None:
+            collector.put(delta)
+
+    def fail(self, request_id: str, error: BaseException) -> None:
+        collector = self._collectors.get(request_id)
+        if collector is not None:
+            collector.fail(error)
+
+    def deliver_threadsafe(self, batch: list[tuple[str, TokenDelta | BaseException]]) -> None:
+        """From an engine thread: one loop wake-up per batch of responses."""
+        assert self._loop is not None, "start() was not awaited"
+        self._loop.call_soon_threadsafe(self._deliver_batch, batch)
+
+    def mark_dead_threadsafe(self, reason: str) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._mark_dead, reason)
+
+    def _deliver_batch(self, batch: list[tuple[str, TokenDelta | BaseException]]) -> None:
+        for request_id, item in batch:
+            if isinstance(item, BaseException):
+                self.fail(request_id, item)
+            else:
+                self.deliver(request_id, item)
+
+    def _mark_dead(self, reason: str) -> None:
+        if self._dead_reason is None:
+            logger.error("executor is dead: %s", reason)
+            self._dead_reason = reason
+        for collector in list(self._collectors.values()):
+            collector.fail(EngineDead(reason))
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead_reason is not None
+

@@ -1,0 +1,138 @@
+"""One request's trip through the engine: token deltas in, detokenized text events out (router side)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from deployments.detokenizer import IncrementalDetokenizer
+from deployments.errors import EngineDead, EngineError, ServingError
+from deployments.messages import FinishReason, GenerateRequest, TokenDelta
+from deployments.protocol import Usage
+
+logger = logging.getLogger(__name__)
+
+OpenAIFinish = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class TextEvent:
+    """Text that became safe to send; the last event carries the finish reason."""
+
+    text: str
+    finish_reason: OpenAIFinish | None = None
+
+
+def to_serving_error(error: BaseException) -> ServingError:
+    """Errors raised by the engine replica arrive wrapped by Ray; recover ours, name the rest."""
+    if isinstance(error, ServingError):
+        return error
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, ServingError):
+        return cause
+    if isinstance(error, ActorDiedError | ActorUnavailableError | RayActorError):
+        return EngineDead(f"the engine replica became unavailable: {type(error).__name__}")
+    return EngineError(f"the engine failed: {type(error).__name__}: {error}")
+
+
+class Generation:
+    """Streams one `GenerateRequest` from an engine handle.
+
+    `start()` awaits the first delta before any byte is sent, so early failures still get a real HTTP status.
+    A stop string ends the engine request at once (cancelling the handle call frees the engine slot).
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        request: GenerateRequest,
+        tokenizer: Any,
+        *,
+        stop: Sequence[str] = (),
+    ) -> None:
+        self.request = request
+        self._engine = engine
+        self._detokenizer = IncrementalDetokenizer(
+            tokenizer, stop=stop, prompt_token_ids=request.prompt_token_ids
+        )
+        self._stream: Any = None
+        self._first: TokenDelta | None = None
+        self._is_done = False
+        self.num_completion_tokens = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    def usage(self) -> Usage:
+        prompt, completion = self.num_prompt_tokens, self.num_completion_tokens
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def start(self) -> None:
+        self._stream = self._engine.generate.remote(self.request)
+        try:
+            self._first = await self._stream.__anext__()
+        except StopAsyncIteration:
+            raise EngineError("the engine closed the stream without a result") from None
+        except BaseException as error:
+            self._is_done = True
+            if isinstance(error, Exception):
+                raise to_serving_error(error) from error
+            raise
+
+    async def events(self) -> AsyncIterator[TextEvent]:
+        """Yields text events; the last one has `finish_reason`. Raises ServingError on engine failure."""
+        assert self._first is not None, "start() first"
+        delta: TokenDelta | None = self._first
+        try:
+            while delta is not None:
+                event = self._consume(delta)
+                if event is not None:
+                    yield event
+                if self._is_done:
+                    return
+                delta = await self._next_delta()
+        finally:
+            self.close()
+
+    async def collect(self) -> tuple[str, OpenAIFinish]:
+        """The whole text and finish reason (non-streaming responses)."""
+        parts: list[str] = []
+        finish: OpenAIFinish = "stop"
+        async for event in self.events():
+            parts.append(event.text)
+            finish = event.finish_reason or finish
+        return "".join(parts), finish
+
+    def close(self) -> None:
+        """Cancel the engine call unless it already finished (client gone, stop string, error)."""
+        if not self._is_done and self._stream is not None:
+            self._is_done = True
+            self._stream.cancel()
+
+    async def _next_delta(self) -> TokenDelta | None:
+        try:
+            delta: TokenDelta = await self._stream.__anext__()
+            return delta
+        except StopAsyncIteration:
+            raise EngineError("the engine stream ended without a finish reason") from None
+        except Exception as error:
+            self._is_done = True
+            raise to_serving_error(error) from error
+
+    def _consume(self, delta: TokenDelta) -> TextEvent | None:
+        self.num_completion_tokens += len(delta.token_ids)
+        text = self._detokenizer.feed(delta.token_ids)
+        if self._detokenizer.is_stopped:
+            self.close()
+            return TextEvent(text, "stop")
+        if delta.finish_reason is not None:
+            self._is_done = True
+            text += self._detokenizer.flush()
+            finish: OpenAIFinish = "length" if delta.finish_reason is FinishReason.LENGTH else "stop"
+            return TextEvent(text, finish)
+        return TextEvent(text) if text else None

@@ -1,0 +1,110 @@
+"""From an OpenAI request to a `GenerateRequest`: prompt ids, token budget, sampling, stop ids (router side)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from deployments.config import AppConfig
+from deployments.errors import ContextLengthExceeded, RequestError
+from deployments.messages import EngineCapabilities, GenerateRequest, SamplingParams
+from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.tokenization import ChatTemplate, encode, stop_token_ids
+
+
+def model_context_window(model_dir: str) -> int | None:
+    """The context window a Hugging Face config.json (or a trtllm-build engine config.json) declares."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    build = config.get("build_config") or {}
+    for value in (build.get("max_seq_len"), config.get("max_position_embeddings")):
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class PromptBuilder:
+    """Owns the tokenizer-side decisions so that router handlers stay a readable flow."""
+
+    def __init__(
+        self, config: AppConfig, tokenizer: Any, model_dir: str, capabilities: EngineCapabilities
+    ) -> None:
+        self._config = config
+        self._tokenizer = tokenizer
+        self._template = ChatTemplate(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+        self._capabilities = capabilities
+        self.model_name = config.model.served_model_name or Path(model_dir).name
+        window = config.model.max_model_len or model_context_window(model_dir)
+        if window is None:
+            raise ValueError(f"{model_dir}: no context window in config.json; set model.max_model_len")
+        self.max_model_len = window
+        self._end_id, self._stop_sequences = stop_token_ids(tokenizer)
+
+    def render_chat(self, body: ChatCompletionRequest) -> list[int]:
+        if self._template is None:
+            raise RequestError("this model has no chat template; use /v1/completions", param="messages")
+        if body.logprobs:
+            raise RequestError("logprobs is not supported yet", param="logprobs")
+        messages = [message.to_template_dict() for message in body.messages]
+        return self._template.render(messages, tools=body.tools)
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return encode(self._tokenizer, prompt)
+        vocab_size = len(self._tokenizer)
+        bad = next((token_id for token_id in prompt if not 0 <= token_id < vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab_size})", param="prompt")
+        return list(prompt)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def generate_request(
+        self, request_id: str, prompt_token_ids: list[int], body: ChatCompletionRequest | CompletionRequest
+    ) -> GenerateRequest:
+        return GenerateRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            max_tokens=self._max_tokens(len(prompt_token_ids), body.requested_max_tokens()),
+            sampling=self._sampling(body),
+            end_id=self._end_id,
+            pad_id=self._tokenizer.pad_token_id,
+            stop_token_sequences=self._stop_sequences,
+        )
+
+    def _max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:
+        room = self.max_model_len - num_prompt_tokens
+        if room <= 0:
+            raise ContextLengthExceeded(
+                f"the prompt has {num_prompt_tokens} tokens; this model's context window is "
+                f"{self.max_model_len} tokens and leaves no room to generate"
+            )
+        if requested is None:
+            return min(self._config.router.default_max_tokens, room)
+        if requested > room:
+            raise ContextLengthExceeded(
+                f"max_tokens={requested} plus the prompt's {num_prompt_tokens} tokens exceeds the "
+                f"context window of {self.max_model_len} tokens",
+                param="max_tokens",
+            )
+        return requested
+
+    def _sampling(self, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+        caps = self._capabilities
+        if body.seed is not None and not caps.supports_seed:
+            raise RequestError("seed is not supported by this engine", param="seed")
+        if (body.presence_penalty or body.frequency_penalty) and not caps.supports_penalties:
+            param = "presence_penalty" if body.presence_penalty else "frequency_penalty"
+            raise RequestError(f"{param} is not supported by this engine", param=param)
+        return SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            seed=body.seed,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+        )
