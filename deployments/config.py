@@ -46,8 +46,19 @@ class TransformersEngineConfig(_Strict):
     scheduler: Literal["fifo", "prefill_first"] = Field(default="fifo", description="CB scheduler.")
 
 
+class EmulatorConfig(_Strict):
+    """A load-testing engine that does no compute (benchmarks only, never the default)."""
+
+    ttft_ms: float = Field(default=20.0, ge=0, description="Time to first token of each request.")
+    itl_ms: float = Field(default=8.0, ge=0, description="Inter-token latency of one decoding step.")
+    max_batch_size: int = Field(default=256, gt=0, description="Requests decoded together; more wait in a queue.")
+    prefill_tokens_per_s: float = Field(
+        default=0.0, ge=0, description="Extra prefill time per prompt token (0: TTFT is independent of length)."
+    )
+
+
 class EngineConfig(_Strict):
-    kind: Literal["transformers", "trtllm"] = Field(
+    kind: Literal["transformers", "trtllm", "emulator"] = Field(
         default="transformers", description="Which executor each engine replica owns."
     )
     num_replicas: int = Field(default=1, ge=1, description="Engine replicas.")
@@ -58,6 +69,7 @@ class EngineConfig(_Strict):
     max_ongoing_requests: int = Field(default=256, gt=0, description="In-flight requests per replica.")
     health_check_period_s: float = Field(default=10.0, gt=0, description="Serve health-check period.")
     transformers: TransformersEngineConfig = Field(default_factory=TransformersEngineConfig)
+    emulator: EmulatorConfig = Field(default_factory=EmulatorConfig)
     trtllm: dict[str, object] = Field(default_factory=dict, description="TensorRT-LLM executor settings.")
 
 

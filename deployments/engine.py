@@ -21,6 +21,10 @@ def create_executor(config: EngineConfig, model_dir: str) -> Executor:
         from deployments.executors.hf import TransformersExecutor
 
         return TransformersExecutor(model_dir, config.transformers)
+    if config.kind == "emulator":
+        from deployments.executors.emulator import EmulatorExecutor
+
+        return EmulatorExecutor(config.emulator, model_dir)
     raise ValueError(f"unknown engine kind {config.kind!r}")
 
 

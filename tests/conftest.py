@@ -10,6 +10,10 @@ import pytest
 
 from deployments.embedded_model import ensure_embedded_model
 
+# Ray reads its auth mode once per process, at import. Every cluster the tests start (and every driver that
+# joins one) runs without token auth, so tests never depend on a token file left by another cluster.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

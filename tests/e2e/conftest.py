@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -18,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BASE_URL = "http://127.0.0.1:8000"
 MODEL = "shepherd-tiny"
-STARTUP_TIMEOUT_S = 180
+STARTUP_TIMEOUT_S = 300
 
 
 def _port_is_free(port: int) -> bool:
@@ -38,8 +39,34 @@ def _kill_session(session_id: int) -> None:
                 pass
 
 
+def _gcs_address(session_id: int) -> str:
+    """The GCS of the cluster `serve run` started (other Ray clusters may run on this machine too).
+
+    Its gcs_server shares the `serve run` session id; the port it bound is in its Ray session directory.
+    """
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = process.info["cmdline"] or []
+            if not cmdline or not cmdline[0].endswith("gcs_server") or os.getsid(process.pid) != session_id:
+                continue
+        except (ProcessLookupError, psutil.Error):
+            continue
+        log_dir = next(arg.split("=", 1)[1] for arg in cmdline if arg.startswith("--log_dir="))
+        port_file = next(Path(log_dir).parent.glob("gcs_server_port_*"))
+        return f"127.0.0.1:{port_file.read_text().strip()}"
+    raise RuntimeError("no GCS process found in the serve run session")
+
+
+@dataclass(frozen=True)
+class ServeApp:
+    base_url: str
+    ray_address: str
+
+
 @pytest.fixture(scope="session")
-def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     if not _port_is_free(8000):
         pytest.fail("port 8000 is busy: stop the other server (serve_config.yaml listens there)")
     log_path = tmp_path_factory.mktemp("serve") / "serve-run.log"
@@ -67,7 +94,7 @@ def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             if time.monotonic() > deadline:
                 pytest.fail(f"serve run did not become ready:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.5)
-        yield BASE_URL
+        yield ServeApp(base_url=BASE_URL, ray_address=_gcs_address(process.pid))
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -78,11 +105,11 @@ def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture(scope="session")
-def ray_driver(serve_app: str) -> Iterator[None]:
+def ray_driver(serve_app: ServeApp) -> Iterator[None]:
     """This pytest process joins the app's Ray cluster as a driver (another Ray job)."""
     import ray
 
-    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    ray.init(address=serve_app.ray_address, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -95,7 +122,12 @@ def engine_handle(ray_driver: None) -> Any:
 
 
 @pytest.fixture(scope="session")
-def client(serve_app: str) -> Any:
+def base_url(serve_app: ServeApp) -> str:
+    return serve_app.base_url
+
+
+@pytest.fixture(scope="session")
+def client(base_url: str) -> Any:
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{serve_app}/v1", api_key="unused", max_retries=0, timeout=60)
+    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)

@@ -11,12 +11,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL, REPO
+from tests.e2e.conftest import MODEL, REPO, ServeApp
 
 pytestmark = pytest.mark.e2e
 
 
-def test_disconnect_mid_stream_cancels_the_engine_request(serve_app: str, engine_handle: Any) -> None:
+def test_disconnect_mid_stream_cancels_the_engine_request(base_url: str, engine_handle: Any) -> None:
     before = engine_handle.stats.remote().result()
     body = {
         "model": MODEL,
@@ -24,7 +24,7 @@ def test_disconnect_mid_stream_cancels_the_engine_request(serve_app: str, engine
         "max_tokens": 1800,
         "stream": True,
     }
-    with httpx.stream("POST", f"{serve_app}/v1/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         for _ in range(6):
             next(lines)
@@ -40,9 +40,9 @@ def test_disconnect_mid_stream_cancels_the_engine_request(serve_app: str, engine
 
 
 HANDLE_SCRIPT = """
-import json, ray
+import json, sys, ray
 from ray import serve
-ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 handle = serve.get_app_handle("shepherd")
 body = {"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 0}
 chunks = list(handle.options(stream=True).chat_stream.remote(body))
@@ -51,9 +51,9 @@ print(json.dumps({"chunks": chunks, "whole": whole}))
 """ % MODEL
 
 
-def test_handle_from_another_ray_job_streams_chat_chunks(serve_app: str, client: Any) -> None:
+def test_handle_from_another_ray_job_streams_chat_chunks(serve_app: ServeApp, client: Any) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", HANDLE_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", HANDLE_SCRIPT, serve_app.ray_address], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(result.stdout.strip().splitlines()[-1])

@@ -73,9 +73,9 @@ def test_stop_string_ends_the_reply_before_it(client: Any, expected_greedy: Any)
         assert finish == "stop"
 
 
-def test_raw_sse_stream_is_well_formed(serve_app: str) -> None:
+def test_raw_sse_stream_is_well_formed(base_url: str) -> None:
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "stream": True}
-    with httpx.stream("POST", f"{serve_app}/v1/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line]
@@ -98,7 +98,7 @@ def test_completions_accept_text_and_token_ids_and_echo(client: Any, tokenizer: 
     assert "".join(c.choices[0].text for c in streamed) == text_reply.choices[0].text
 
 
-def test_models_and_health(client: Any, serve_app: str) -> None:
+def test_models_and_health(client: Any, base_url: str) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
-    assert httpx.get(f"{serve_app}/health").status_code == 200
+    assert httpx.get(f"{base_url}/health").status_code == 200

@@ -1,0 +1,199 @@
+"""The emulator engine meets the Executor contract: lengths, finish reasons, ids, queueing, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from deployments.config import EmulatorConfig, EngineConfig
+from deployments.engine import create_executor
+from deployments.errors import EngineDead
+from deployments.executors.emulator import EmulatorExecutor, read_vocab_size, visible_token_ids
+from deployments.messages import FinishReason, GenerateRequest, TokenDelta
+
+# Zero latencies keep the tests fast; none of them asserts on time.
+FAST = EmulatorConfig(ttft_ms=0, itl_ms=0, max_batch_size=256)
+STEPPING = EmulatorConfig(ttft_ms=1, itl_ms=1, max_batch_size=256)
+T = TypeVar("T")
+
+
+def request(
+    request_id: str, max_tokens: int = 8, prompt: list[int] | None = None, **kwargs: Any
+) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=request_id, prompt_token_ids=prompt or [10, 11, 12], max_tokens=max_tokens, **kwargs
+    )
+
+
+async def collect(stream: AsyncIterator[TokenDelta]) -> list[TokenDelta]:
+    return [delta async for delta in stream]
+
+
+def run(model_dir: Path, config: EmulatorConfig, body: Callable[[EmulatorExecutor], Awaitable[T]]) -> T:
+    async def main() -> T:
+        executor = EmulatorExecutor(config, str(model_dir))
+        await executor.start()
+        try:
+            return await body(executor)
+        finally:
+            await executor.shutdown()
+
+    return asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+def token_ids_of(deltas: list[TokenDelta]) -> list[int]:
+    return [token_id for delta in deltas for token_id in delta.token_ids]
+
+
+@pytest.mark.parametrize("config", [FAST, STEPPING], ids=["one-step", "stepping"])
+def test_emits_exactly_max_tokens_then_finishes_with_length(model_dir: Path, config: EmulatorConfig) -> None:
+    deltas = run(model_dir, config, lambda executor: collect(executor.generate(request("r", max_tokens=17))))
+
+    assert len(token_ids_of(deltas)) == 17
+    assert deltas[-1].finish_reason is FinishReason.LENGTH
+    assert all(delta.finish_reason is None for delta in deltas[:-1])
+    assert deltas[0].num_prompt_tokens == 3
+
+
+def test_stepping_engine_streams_tokens_in_several_deltas(model_dir: Path) -> None:
+    deltas = run(model_dir, STEPPING, lambda executor: collect(executor.generate(request("r", max_tokens=5))))
+
+    assert len(deltas) > 1
+    assert len(token_ids_of(deltas)) == 5
+
+
+def test_token_ids_decode_to_visible_words_of_the_vocabulary(model_dir: Path, tokenizer: Any) -> None:
+    deltas = run(model_dir, FAST, lambda executor: collect(executor.generate(request("r", max_tokens=64))))
+    token_ids = token_ids_of(deltas)
+
+    assert all(0 <= token_id < read_vocab_size(model_dir) for token_id in token_ids)
+    text = tokenizer.decode(token_ids, skip_special_tokens=False)
+    assert len(text.split()) == 64
+    assert text.isprintable() and text.strip()
+
+
+def test_same_prompt_gives_the_same_tokens_and_other_prompts_differ(model_dir: Path) -> None:
+    async def body(executor: EmulatorExecutor) -> list[list[int]]:
+        prompts = [[1, 2, 3], [1, 2, 3], [7, 8, 9, 10]]
+        results = await asyncio.gather(
+            *(collect(executor.generate(request(f"r{i}", prompt=p))) for i, p in enumerate(prompts))
+        )
+        return [token_ids_of(deltas) for deltas in results]
+
+    first, again, other = run(model_dir, FAST, body)
+    assert first == again
+    assert first != other
+
+
+def test_never_emits_the_end_id_or_the_start_of_a_stop_sequence(model_dir: Path) -> None:
+    async def body(executor: EmulatorExecutor) -> tuple[list[int], list[int]]:
+        end_id, stop_start = executor.token_ids[0], executor.token_ids[1]
+        req = request(
+            "r",
+            max_tokens=4 * len(executor.token_ids),
+            end_id=end_id,
+            stop_token_sequences=((stop_start, 5),),
+        )
+        return token_ids_of(await collect(executor.generate(req))), [end_id, stop_start]
+
+    token_ids, excluded = run(model_dir, FAST, body)
+    assert not set(excluded) & set(token_ids)
+
+
+def test_requests_beyond_max_batch_wait_in_a_fifo_queue(model_dir: Path) -> None:
+    config = EmulatorConfig(ttft_ms=1, itl_ms=1, max_batch_size=2)
+    first_seen: list[str] = []
+
+    async def consume(executor: EmulatorExecutor, request_id: str) -> int:
+        num_tokens = 0
+        async for delta in executor.generate(request(request_id, max_tokens=3)):
+            if num_tokens == 0:
+                first_seen.append(request_id)
+            num_tokens += len(delta.token_ids)
+        return num_tokens
+
+    async def body(executor: EmulatorExecutor) -> tuple[int, int, list[int]]:
+        tasks = [asyncio.create_task(consume(executor, f"r{i}")) for i in range(5)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        queued, active = executor.stats().num_queued_requests, executor.stats().num_active_requests
+        return queued, active, list(await asyncio.gather(*tasks))
+
+    queued, active, lengths = run(model_dir, config, body)
+    assert (queued, active) == (3, 5)
+    assert lengths == [3] * 5
+    assert first_seen[:2] == ["r0", "r1"]
+    assert first_seen[2:4] == ["r2", "r3"]
+    assert first_seen[4] == "r4"
+
+
+def test_cancelling_a_running_request_frees_its_batch_slot(model_dir: Path) -> None:
+    config = EmulatorConfig(ttft_ms=1, itl_ms=1, max_batch_size=1)
+
+    async def body(executor: EmulatorExecutor) -> tuple[list[int], int, int]:
+        endless = executor.generate(request("endless", max_tokens=10**9))
+        await endless.__anext__()
+        waiting = asyncio.create_task(collect(executor.generate(request("waiting", max_tokens=4))))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        await endless.aclose()
+        deltas = await waiting
+        stats = executor.stats()
+        return token_ids_of(deltas), stats.num_active_requests, stats.num_cancelled_requests
+
+    token_ids, num_active, num_cancelled = run(model_dir, config, body)
+    assert len(token_ids) == 4
+    assert (num_active, num_cancelled) == (0, 1)
+
+
+def test_cancelling_a_queued_request_removes_it_from_the_queue(model_dir: Path) -> None:
+    config = EmulatorConfig(ttft_ms=1, itl_ms=1, max_batch_size=1)
+
+    async def body(executor: EmulatorExecutor) -> tuple[int, int]:
+        running = asyncio.create_task(collect(executor.generate(request("running", max_tokens=50))))
+        queued = asyncio.create_task(collect(executor.generate(request("queued", max_tokens=50))))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        depth_before = executor.queue_depth()
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        depth_after = executor.queue_depth()
+        await running
+        return depth_before, depth_after
+
+    assert run(model_dir, config, body) == (1, 0)
+
+
+def test_shutdown_fails_pending_requests_with_engine_dead(model_dir: Path) -> None:
+    async def main() -> None:
+        executor = EmulatorExecutor(EmulatorConfig(ttft_ms=10_000), str(model_dir))
+        await executor.start()
+        pending = asyncio.create_task(collect(executor.generate(request("r"))))
+        await asyncio.sleep(0)
+        await executor.shutdown()
+        with pytest.raises(EngineDead):
+            await pending
+        with pytest.raises(EngineDead):
+            executor.check_health()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+def test_engine_kind_emulator_selects_the_emulator(model_dir: Path) -> None:
+    executor = create_executor(EngineConfig(kind="emulator"), str(model_dir))
+    assert isinstance(executor, EmulatorExecutor)
+    assert EngineConfig().kind != "emulator"
+
+
+def test_vocab_size_of_an_engine_directory_without_tokenizer(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"pretrained_config": {"vocab_size": 32000}}))
+
+    assert read_vocab_size(tmp_path) == 32000
+    token_ids = visible_token_ids(tmp_path, 32000)
+    assert token_ids and all(16000 <= token_id < 32000 for token_id in token_ids)
