@@ -37,7 +37,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     except ValidationError as error:
         raise ValueError(f"invalid serve_config args:\n{error}") from None
     model_dir, tokenizer_dir = resolve_model_dirs(config)
-    engine = engine_deployment(config.engine).bind(config.engine, model_dir)
+    engine = engine_deployment(config.engine, model_dir).bind(config.engine, model_dir)
     router = serve.deployment(
         Router,
         name="Router",

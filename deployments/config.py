@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.executors.trtllm_config import TrtllmConfig
+from deployments.sessions.store import SessionStoreConfig
+
 
 
 class _Strict(BaseModel):
@@ -70,7 +73,7 @@ class EngineConfig(_Strict):
     health_check_period_s: float = Field(default=10.0, gt=0, description="Serve health-check period.")
     transformers: TransformersEngineConfig = Field(default_factory=TransformersEngineConfig)
     emulator: EmulatorConfig = Field(default_factory=EmulatorConfig)
-    trtllm: dict[str, object] = Field(default_factory=dict, description="TensorRT-LLM executor settings.")
+    trtllm: TrtllmConfig = Field(default_factory=TrtllmConfig, description="TensorRT-LLM executor settings.")
 
 
 class RouterConfig(_Strict):
@@ -80,12 +83,27 @@ class RouterConfig(_Strict):
     default_max_tokens: int = Field(
         default=256, gt=0, description="`max_tokens` when a request gives none (capped by the context window)."
     )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted API keys (also `$SHEPHERD_API_KEYS`, comma-separated). None: the server is open.",
+    )
+
+
+class SessionsConfig(_Strict):
+    store: SessionStoreConfig = Field(default_factory=SessionStoreConfig)
+    max_sessions_per_owner: int | None = Field(
+        default=1000, gt=0, description="Live sessions one API key may hold; None: unlimited."
+    )
+    turn_timeout_s: float = Field(
+        default=600.0, gt=0, description="How long one turn may hold its session before another may start."
+    )
 
 
 class AppConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
 
     @model_validator(mode="after")
     def _check_engine_model(self) -> AppConfig:

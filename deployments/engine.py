@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,9 +11,13 @@ from ray import serve
 
 from deployments.config import EngineConfig
 from deployments.executors.base import Executor
+from deployments.placement import engine_deployment_options
+from deployments.routing import engine_request_router_config
 from deployments.messages import EngineCapabilities, ExecutorStats, GenerateRequest, TokenDelta
 
 logger = logging.getLogger(__name__)
+
+_NUM_RECENT_REQUESTS = 64
 
 
 def create_executor(config: EngineConfig, model_dir: str) -> Executor:
@@ -21,6 +26,11 @@ def create_executor(config: EngineConfig, model_dir: str) -> Executor:
         from deployments.executors.hf import TransformersExecutor
 
         return TransformersExecutor(model_dir, config.transformers)
+    if config.kind == "trtllm":
+        from deployments.executors.trtllm import TrtllmExecutor
+
+        engine_dir = config.trtllm.engine_dir or model_dir
+        return TrtllmExecutor(config.trtllm.model_copy(update={"engine_dir": engine_dir}))
     if config.kind == "emulator":
         from deployments.executors.emulator import EmulatorExecutor
 
@@ -35,11 +45,25 @@ class Engine:
     async def __init__(self, config: EngineConfig, model_dir: str) -> None:
         self._executor = create_executor(config, model_dir)
         await self._executor.start()
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        # What this replica was asked recently: lets operators and tests see prefix reuse and session routing.
+        self._recent: deque[dict[str, Any]] = deque(maxlen=_NUM_RECENT_REQUESTS)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Yields TokenDelta items until one has a finish reason; cancelling the call cancels the request."""
+        self._recent.append(
+            {
+                "request_id": request.request_id,
+                "session_id": request.session_id,
+                "prompt_token_ids": request.prompt_token_ids,
+                "replica_id": self._replica_id,
+            }
+        )
         async for delta in self._executor.generate(request):
             yield delta
+
+    def recent_requests(self) -> list[dict[str, Any]]:
+        return list(self._recent)
 
     def capabilities(self) -> EngineCapabilities:
         return self._executor.capabilities
@@ -51,6 +75,7 @@ class Engine:
         self._executor.check_health()
 
     def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Serve for the request router (deployments.routing)."""
         stats = self._executor.stats()
         return {"num_active_requests": stats.num_active_requests, "num_queued_requests": stats.num_queued_requests}
 
@@ -58,16 +83,34 @@ class Engine:
         await self._executor.shutdown()
 
 
-def engine_deployment(config: EngineConfig) -> Any:
-    """The Engine class as a Serve deployment, with options computed from the config."""
+def engine_deployment(config: EngineConfig, model_dir: str) -> Any:
+    """The Engine class as a Serve deployment, with options computed from the config (and, for TensorRT-LLM,
+    from the engine's own parallel layout: a TP group is one placement-group bundle on one node)."""
+    tensor_parallel_size = 1
+    if config.kind == "trtllm":
+        from deployments.executors.trtllm_config import read_engine_layout
+
+        layout = read_engine_layout(config.trtllm.engine_dir or model_dir)
+        tensor_parallel_size = layout.tp_size
+        if config.num_gpus_per_replica != layout.world_size:
+            raise ValueError(
+                f"the engine has {layout.world_size} ranks (tp={layout.tp_size}, pp={layout.pp_size}); "
+                f"set engine.num_gpus_per_replica: {layout.world_size}"
+            )
+    options = engine_deployment_options(
+        num_gpus=config.num_gpus_per_replica,
+        num_cpus=config.num_cpus_per_replica,
+        tensor_parallel_size=tensor_parallel_size,
+        uses_mpi=config.kind == "trtllm",
+    )
+    # Predicted blocks match the engine's KV block size: transformers' page size, TensorRT-LLM's 32 default.
+    block_size = config.transformers.page_size if config.kind == "transformers" else 32
     return serve.deployment(
         Engine,
         name="Engine",
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
         health_check_period_s=config.health_check_period_s,
-        ray_actor_options={
-            "num_cpus": config.num_cpus_per_replica,
-            "num_gpus": config.num_gpus_per_replica,
-        },
+        request_router_config=engine_request_router_config(block_size=block_size),
+        **options,
     )

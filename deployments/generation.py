@@ -62,7 +62,14 @@ class Generation:
         self._stream: Any = None
         self._first: TokenDelta | None = None
         self._is_done = False
-        self.num_completion_tokens = 0
+        self.completion_token_ids: list[int] = []
+        self.text = ""
+        self.is_finished = False
+        self.is_stopped_by_string = False
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.completion_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -99,15 +106,6 @@ class Generation:
         finally:
             self.close()
 
-    async def collect(self) -> tuple[str, OpenAIFinish]:
-        """The whole text and finish reason (non-streaming responses)."""
-        parts: list[str] = []
-        finish: OpenAIFinish = "stop"
-        async for event in self.events():
-            parts.append(event.text)
-            finish = event.finish_reason or finish
-        return "".join(parts), finish
-
     def close(self) -> None:
         """Cancel the engine call unless it already finished (client gone, stop string, error)."""
         if not self._is_done and self._stream is not None:
@@ -125,14 +123,21 @@ class Generation:
             raise to_serving_error(error) from error
 
     def _consume(self, delta: TokenDelta) -> TextEvent | None:
-        self.num_completion_tokens += len(delta.token_ids)
+        self.completion_token_ids.extend(delta.token_ids)
         text = self._detokenizer.feed(delta.token_ids)
         if self._detokenizer.is_stopped:
             self.close()
+            self.is_finished = self.is_stopped_by_string = True
+            self.text += text
             return TextEvent(text, "stop")
         if delta.finish_reason is not None:
             self._is_done = True
             text += self._detokenizer.flush()
+            self.text += text
+            if delta.finish_reason is FinishReason.CANCELLED:
+                raise EngineError("the engine cancelled the request")
+            self.is_finished = True
             finish: OpenAIFinish = "length" if delta.finish_reason is FinishReason.LENGTH else "stop"
             return TextEvent(text, finish)
+        self.text += text
         return TextEvent(text) if text else None

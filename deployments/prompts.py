@@ -8,7 +8,7 @@ from typing import Any
 
 from deployments.config import AppConfig
 from deployments.errors import ContextLengthExceeded, RequestError
-from deployments.messages import EngineCapabilities, GenerateRequest, SamplingParams
+from deployments.messages import EngineCapabilities, GenerateRequest, RetentionRange, SamplingParams
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.tokenization import ChatTemplate, encode, stop_token_ids
 
@@ -43,11 +43,15 @@ class PromptBuilder:
         self.max_model_len = window
         self._end_id, self._stop_sequences = stop_token_ids(tokenizer)
 
-    def render_chat(self, body: ChatCompletionRequest) -> list[int]:
+    def check_chat(self, body: ChatCompletionRequest) -> None:
         if self._template is None:
             raise RequestError("this model has no chat template; use /v1/completions", param="messages")
         if body.logprobs:
             raise RequestError("logprobs is not supported yet", param="logprobs")
+
+    def render_chat(self, body: ChatCompletionRequest) -> list[int]:
+        self.check_chat(body)
+        assert self._template is not None
         messages = [message.to_template_dict() for message in body.messages]
         return self._template.render(messages, tools=body.tools)
 
@@ -64,16 +68,28 @@ class PromptBuilder:
         return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def generate_request(
-        self, request_id: str, prompt_token_ids: list[int], body: ChatCompletionRequest | CompletionRequest
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        body: ChatCompletionRequest | CompletionRequest,
+        *,
+        max_tokens: int | None = None,
+        session_id: str | None = None,
+        retention: RetentionRange | None = None,
     ) -> GenerateRequest:
+        """`max_tokens` is given when a session already fitted the turn to the context window."""
+        if max_tokens is None:
+            max_tokens = self._max_tokens(len(prompt_token_ids), body.requested_max_tokens())
         return GenerateRequest(
             request_id=request_id,
             prompt_token_ids=prompt_token_ids,
-            max_tokens=self._max_tokens(len(prompt_token_ids), body.requested_max_tokens()),
+            max_tokens=max_tokens,
+            session_id=session_id,
+            retention=retention,
             sampling=self._sampling(body),
-            end_id=self._end_id,
+            end_id=None if body.ignore_eos else self._end_id,
             pad_id=self._tokenizer.pad_token_id,
-            stop_token_sequences=self._stop_sequences,
+            stop_token_sequences=() if body.ignore_eos else self._stop_sequences,
         )
 
     def _max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:

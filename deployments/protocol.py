@@ -92,6 +92,7 @@ class _SamplingFields(OpenAIBaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    ignore_eos: bool = Field(default=False, description="vLLM extra: generate max_tokens, ignoring end tokens.")
 
     @field_validator("stop")
     @classmethod
@@ -109,6 +110,7 @@ class _SamplingFields(OpenAIBaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    session_id: str | None = Field(default=None, description="Continue this server-side session.")
     max_completion_tokens: int | None = Field(default=None, gt=0)
     logprobs: bool = False
     tools: list[dict[str, Any]] | None = None
@@ -133,6 +135,13 @@ class CompletionRequest(_SamplingFields):
         return self.max_tokens
 
 
+class CreateSessionRequest(OpenAIBaseModel):
+    model: str | None = None
+    system_prompt: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
+
+
 # ---- responses --------------------------------------------------------------------------------------
 class Usage(BaseModel):
     prompt_tokens: int
@@ -143,6 +152,17 @@ class Usage(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+
+class SessionTurn(BaseModel):
+    """Attached to replies on a session: which session, and what this turn evicted to fit."""
+
+    id: str
+    num_turns: int
+    num_evicted_messages: int
+    evicted_roles: list[str]
+    num_prompt_tokens: int
+    is_prefix_continued: bool
 
 
 class ChunkChoice(BaseModel):
@@ -158,6 +178,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    session: SessionTurn | None = None
 
 
 class ResponseMessage(BaseModel):
@@ -178,6 +199,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    session: SessionTurn | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -209,3 +231,35 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class EvictionView(BaseModel):
+    at_turn: int
+    num_messages: int
+    num_tokens_freed: int
+    roles: list[str]
+    created_at: float
+
+
+class SessionView(BaseModel):
+    id: str
+    object: Literal["session"] = "session"
+    model: str
+    created_at: float
+    updated_at: float
+    system_prompt: str | None
+    tools: list[dict[str, Any]] | None
+    metadata: dict[str, str]
+    messages: list[dict[str, Any]]
+    num_turns: int
+    num_tokens: int
+    context_window: int
+    num_evicted_messages: int
+    evictions: list[EvictionView]
+    num_template_breaks: int
+
+
+class SessionDeleted(BaseModel):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True

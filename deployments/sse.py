@@ -1,11 +1,18 @@
-"""Server-sent-event framing for OpenAI streams."""
+"""Server-sent-event framing for OpenAI streams, and a streaming response that always closes its source."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
+
+import logging
 
 from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
+logger = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
 
 
@@ -16,3 +23,27 @@ def encode_chunk(chunk: BaseModel) -> bytes:
 def encode_error(body: dict[str, object]) -> bytes:
     """An error after the stream started: the status is already 200, so the error travels as an event."""
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """`text/event-stream` that closes its body generator when the client disconnects.
+
+    Starlette cancels the sending task on disconnect but leaves the generator suspended at its `yield`;
+    its `finally` blocks (cancel the engine request, release a session's turn) would then wait for garbage
+    collection. Closing it here runs them at once.
+    """
+
+    def __init__(self, content: Any) -> None:
+        super().__init__(content, media_type="text/event-stream")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException as error:
+            logger.info("event stream ended early: %s", type(error).__name__)
+            raise
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                # Shielded: the cleanup must finish even though this task is being cancelled.
+                await asyncio.shield(aclose())

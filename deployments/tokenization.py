@@ -36,17 +36,29 @@ class ChatTemplate:
         tools: Sequence[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
     ) -> list[int]:
+        return self.encode(self.render_text(messages, tools=tools, add_generation_prompt=add_generation_prompt))
+
+    def render_text(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> str:
         try:
-            token_ids = self._tokenizer.apply_chat_template(
+            text = self._tokenizer.apply_chat_template(
                 list(messages),
                 tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt,
-                tokenize=True,
-                return_dict=False,
+                tokenize=False,
             )
         except TemplateError as error:
             raise RequestError(f"the chat template rejected the messages: {error}", param="messages") from error
-        return list(token_ids)
+        return str(text)
+
+    def encode(self, rendered: str) -> list[int]:
+        """Ids of rendered template text: special tokens come from the template itself, none are added."""
+        return list(self._tokenizer.encode(rendered, add_special_tokens=False))
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

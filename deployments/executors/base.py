@@ -43,7 +43,9 @@ class DeltaCollector:
 
     async def get(self) -> TokenDelta:
         await self._event.wait()
-        self._event.clear()
+        # An error stays signalled: the delta that arrived before it is returned first, then the error.
+        if self._error is None:
+            self._event.clear()
         if self._pending is not None:
             delta, self._pending = self._pending, None
             return delta

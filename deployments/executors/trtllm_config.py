@@ -1,4 +1,4 @@
-"""Configuration of the TensorRT-LLM backend, and the engine layout read from a `trtllm-build` dir."""
+"""Configuration of the TensorRT-LLM backend, and the layout read from a trtllm-build engine."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class TrtllmConfig(BaseModel):
-    """Knobs for `TrtllmExecutor`; everything the engine fixed at build time comes from `config.json`.
+    """Knobs for `TrtllmExecutor`; what the engine fixed at build time comes from its config.json.
 
-    Defaults follow the reference skeleton (block reuse and chunked context on, events on) rather than
-    the bindings' own defaults, which disable chunked context and KV events.
+    Defaults follow the reference skeleton (block reuse, chunked context and KV events on) rather
+    than the bindings' own defaults, which disable chunked context and KV events.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -39,7 +39,9 @@ class TrtllmConfig(BaseModel):
         description="Orchestrator mode worker binary; default <tensorrt_llm>/bin/executorWorker.",
     )
     recv_poll_period_ms: int = Field(
-        default=0, ge=0, description="Orchestrator receive poll period; 0 busy-polls (lowest latency)."
+        default=0,
+        ge=0,
+        description="Orchestrator receive poll period; 0 busy-polls (lowest latency).",
     )
     scheduler_policy: Literal["max_utilization", "guaranteed_no_evict"] = Field(
         default="guaranteed_no_evict",
@@ -59,12 +61,16 @@ class TrtllmConfig(BaseModel):
     enable_chunked_context: bool = Field(
         default=True, description="Chunked prefill; the bindings default it to False."
     )
-    normalize_log_probs: bool = Field(default=True, description="ExecutorConfig.normalize_log_probs.")
+    normalize_log_probs: bool = Field(
+        default=True, description="ExecutorConfig.normalize_log_probs."
+    )
     iter_stats_max_iterations: int = Field(
         default=1000, ge=0, description="Iteration stats the engine keeps between two stats polls."
     )
     # KV cache
-    enable_block_reuse: bool = Field(default=True, description="Prefix (block) reuse across requests.")
+    enable_block_reuse: bool = Field(
+        default=True, description="Prefix (block) reuse across requests."
+    )
     enable_partial_reuse: bool = Field(default=True, description="Reuse partially matched blocks.")
     free_gpu_memory_fraction: float | None = Field(
         default=0.9,
@@ -144,7 +150,7 @@ _DEFAULT_TOKENS_PER_BLOCK = 32  # PluginConfig.tokens_per_block default in TRT-L
 
 
 def parse_engine_layout(raw: Mapping[str, Any]) -> EngineLayout:
-    """Layout from a parsed engine `config.json` (the `version` / `pretrained_config` / `build_config`
+    """Layout from a parsed engine config.json (the `version`/`pretrained_config`/`build_config`
     form that `GptJsonConfig::parse` reads for trtllm-build engines).
 
     Raises:

@@ -19,6 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BASE_URL = "http://127.0.0.1:8000"
 MODEL = "shepherd-tiny"
+API_KEY, OTHER_API_KEY = "test-key-a", "test-key-b"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
 STARTUP_TIMEOUT_S = 300
 
 
@@ -70,7 +72,12 @@ def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     if not _port_is_free(8000):
         pytest.fail("port 8000 is busy: stop the other server (serve_config.yaml listens there)")
     log_path = tmp_path_factory.mktemp("serve") / "serve-run.log"
-    env = {**os.environ, "SHEPHERD_CACHE_DIR": str(model_dir.parent), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "SHEPHERD_CACHE_DIR": str(model_dir.parent),
+        "SHEPHERD_API_KEYS": f"{API_KEY},{OTHER_API_KEY}",
+        "PYTHONUNBUFFERED": "1",
+    }
     serve_bin = Path(sys.executable).parent / "serve"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
@@ -87,7 +94,7 @@ def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             if process.poll() is not None:
                 pytest.fail(f"serve run exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
             try:
-                if httpx.get(f"{BASE_URL}/v1/models", timeout=2).status_code == 200:
+                if httpx.get(f"{BASE_URL}/v1/models", headers=AUTH, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -104,9 +111,10 @@ def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         _kill_session(process.pid)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_driver(serve_app: ServeApp) -> Iterator[None]:
-    """This pytest process joins the app's Ray cluster as a driver (another Ray job)."""
+    """This pytest process joins the app's Ray cluster as a driver (another Ray job), one module at a time,
+    so that other tests may start Ray clusters of their own in this process afterwards."""
     import ray
 
     ray.init(address=serve_app.ray_address, logging_level="ERROR", log_to_driver=False)
@@ -114,7 +122,7 @@ def ray_driver(serve_app: ServeApp) -> Iterator[None]:
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def engine_handle(ray_driver: None) -> Any:
     from ray import serve
 
@@ -130,4 +138,4 @@ def base_url(serve_app: ServeApp) -> str:
 def client(base_url: str) -> Any:
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60)

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL
+from tests.e2e.conftest import AUTH, MODEL
 
 pytestmark = pytest.mark.e2e
 OK_MESSAGES = [{"role": "user", "content": "hi"}]
@@ -32,7 +32,7 @@ CASES = [
 def test_bad_chat_request_is_refused_naming_the_field(
     base_url: str, name: str, body: dict[str, Any], status: int, param: str, stream: bool
 ) -> None:
-    response = httpx.post(f"{base_url}/v1/chat/completions", json={**body, "stream": stream}, timeout=30)
+    response = httpx.post(f"{base_url}/v1/chat/completions", json={**body, "stream": stream}, timeout=30, headers=AUTH)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param
@@ -41,21 +41,21 @@ def test_bad_chat_request_is_refused_naming_the_field(
 
 def test_invalid_json_is_a_400(base_url: str) -> None:
     response = httpx.post(
-        f"{base_url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+        f"{base_url}/v1/chat/completions", content=b"{not json", headers={**AUTH, "content-type": "application/json"}
     )
     assert response.status_code == 400
     assert "JSON" in response.json()["error"]["message"]
 
 
 def test_body_that_is_not_an_object_is_a_400(base_url: str) -> None:
-    response = httpx.post(f"{base_url}/v1/chat/completions", json=[1, 2])
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=[1, 2], headers=AUTH)
     assert response.status_code == 400
 
 
 def test_prompt_longer_than_the_context_window(base_url: str) -> None:
     long_text = "token cache engine replica " * 1200
     body = {"model": MODEL, "messages": [{"role": "user", "content": long_text}], "stream": True}
-    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30)
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30, headers=AUTH)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "context_length_exceeded"
@@ -72,7 +72,7 @@ def test_openai_client_sees_a_bad_request_error(client: Any) -> None:
 
 def test_completions_reject_suffix_and_out_of_vocabulary_ids(base_url: str) -> None:
     url = f"{base_url}/v1/completions"
-    suffix = httpx.post(url, json={"model": MODEL, "prompt": "a", "suffix": "b"})
+    suffix = httpx.post(url, json={"model": MODEL, "prompt": "a", "suffix": "b"}, headers=AUTH)
     assert suffix.status_code == 400 and suffix.json()["error"]["param"] == "suffix"
-    oov = httpx.post(url, json={"model": MODEL, "prompt": [1, 99999]})
+    oov = httpx.post(url, json={"model": MODEL, "prompt": [1, 99999]}, headers=AUTH)
     assert oov.status_code == 400 and oov.json()["error"]["param"] == "prompt"

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL, REPO, ServeApp
+from tests.e2e.conftest import API_KEY, AUTH, MODEL, REPO, ServeApp
 
 pytestmark = pytest.mark.e2e
 
@@ -22,9 +22,10 @@ def test_disconnect_mid_stream_cancels_the_engine_request(base_url: str, engine_
         "model": MODEL,
         "messages": [{"role": "user", "content": "write a lot"}],
         "max_tokens": 1800,
+        "ignore_eos": True,
         "stream": True,
     }
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as response:
         lines = response.iter_lines()
         for _ in range(6):
             next(lines)
@@ -45,10 +46,10 @@ from ray import serve
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 handle = serve.get_app_handle("shepherd")
 body = {"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 0}
-chunks = list(handle.options(stream=True).chat_stream.remote(body))
-whole = handle.chat.remote(body).result()
+chunks = list(handle.options(stream=True).chat_stream.remote(body, api_key="%s"))
+whole = handle.chat.remote(body, api_key="%s").result()
 print(json.dumps({"chunks": chunks, "whole": whole}))
-""" % MODEL
+""" % (MODEL, API_KEY, API_KEY)
 
 
 def test_handle_from_another_ray_job_streams_chat_chunks(serve_app: ServeApp, client: Any) -> None:
@@ -75,5 +76,5 @@ def test_handle_call_with_bad_input_raises_a_request_error(ray_driver: None) -> 
 
     handle = serve.get_app_handle("shepherd")
     with pytest.raises(RequestError) as raised:
-        handle.chat.remote({"model": MODEL, "messages": []}).result()
+        handle.chat.remote({"model": MODEL, "messages": []}, api_key=API_KEY).result()
     assert raised.value.param == "messages"

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from tests.e2e.conftest import MODEL
+from tests.e2e.conftest import AUTH, MODEL
 
 pytestmark = pytest.mark.e2e
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about 東京."}]
@@ -75,7 +75,7 @@ def test_stop_string_ends_the_reply_before_it(client: Any, expected_greedy: Any)
 
 def test_raw_sse_stream_is_well_formed(base_url: str) -> None:
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "stream": True}
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line]

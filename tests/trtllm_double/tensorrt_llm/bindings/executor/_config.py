@@ -1,7 +1,8 @@
 """ExecutorConfig and its sub-configs, with the bindings' kwarg order, defaults and checks.
 
-Source: nanobind/executor/executorConfig.cpp@c40f1157 (see shared/reference/trtllm-executor-api.md §1.4,
-§2.1, §6.1). Errors from TLLM_CHECK surface in Python as RuntimeError, so the double raises that.
+Source: nanobind/executor/executorConfig.cpp@c40f1157 (see shared/reference/trtllm-executor-api.md
+§1.4, §2.1, §6.1). Errors from TLLM_CHECK surface in Python as RuntimeError, so the double raises
+that.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ _DEFAULT_PERF_KNOBS = ExtendedRuntimePerfKnobConfig()
 
 
 class ExecutorConfig:
-    """Every argument is also a read-write property; note enable_chunked_context defaults to False."""
+    """Every argument is also a read-write property; enable_chunked_context defaults to False."""
 
     def __init__(
         self,

@@ -1,12 +1,13 @@
 """`Executor`: the bindings' entry point, with the real call conventions and failure modes.
 
-Mirrors nanobind/executor/executor.cpp@f0c873f5 and executorImpl.cpp@b35ac1b6 (reference §1.1, §4, §6):
-- timeouts are `datetime.timedelta` or a float in *seconds*; an `int` is rejected with TypeError, as the
-  nanobind chrono caster only accepts PyDelta/PyFloat. `await_responses(5)` therefore selects the
-  *request-id* overload, exactly like the binding;
+Mirrors nanobind/executor/executor.cpp@f0c873f5 and executorImpl.cpp@b35ac1b6 (reference §1.1,
+§4, §6):
+- timeouts are `datetime.timedelta` or a float in *seconds*; an `int` is rejected with TypeError,
+  as the nanobind chrono caster only accepts PyDelta/PyFloat. `await_responses(5)` therefore
+  selects the *request-id* overload, exactly like the binding;
 - every method raises RuntimeError("Shutdown called") after `shutdown()`;
 - `get_kv_cache_event_manager()` is None in the orchestrator process (it holds no model);
-- in orchestrator mode the workers are real processes started with MPI_Comm_spawn (`_orchestrator`).
+- in orchestrator mode the workers are real processes started by MPI_Comm_spawn (_orchestrator).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ _AWAIT_SIGNATURES = """await_responses(): incompatible function arguments. The f
 types are supported:
     1. await_responses(self, timeout: datetime.timedelta | None = None) -> list[Response]
     2. await_responses(self, id: int, timeout: datetime.timedelta | None = None) -> list[Response]
-    3. await_responses(self, ids: collections.abc.Sequence[int], timeout: datetime.timedelta | None \
-= None) -> list[list[Response]]
+    3. await_responses(self, ids: collections.abc.Sequence[int], \
+timeout: datetime.timedelta | None = None) -> list[list[Response]]
 """
 
 
@@ -103,7 +104,9 @@ class _ResponseStore:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             while True:
-                taken = [r for r in self._ready if request_ids is None or r.request_id in request_ids]
+                taken = [
+                    r for r in self._ready if request_ids is None or r.request_id in request_ids
+                ]
                 if taken or self._is_shut_down.is_set():
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -257,11 +260,11 @@ class Executor:
             out.append(self._await_one(request_id, remaining))
         return out
 
-    def get_num_responses_ready(self, id: int | None = None) -> int:  # noqa: A002
+    def get_num_responses_ready(self, id: int | None = None) -> int:
         self._check_usable()
         return self._responses.num_ready(id)
 
-    def cancel_request(self, id: int | None = None) -> None:  # noqa: A002
+    def cancel_request(self, id: int | None = None) -> None:
         self._check_usable()
         if not _is_int(id):
             raise TypeError("cancel_request(): incompatible function arguments (id: int)")
@@ -282,16 +285,16 @@ class Executor:
     def get_latest_debug_tensors(self) -> list[Any]:
         self._check_usable()
         if self._is_orchestrator:
-            raise RuntimeError("[TensorRT-LLM][ERROR] getLatestDebugTensors is not supported in "
-                               "orchestrator mode")
+            raise RuntimeError(
+                "[TensorRT-LLM][ERROR] getLatestDebugTensors is not supported in orchestrator mode"
+            )
         return []
 
     def get_kv_cache_event_manager(self) -> KVCacheEventManager | None:
         self._check_usable()
         if self._is_orchestrator:
             return None  # no local model in the orchestrator process
-        events = self._backend.core.events
-        return None if events is None else KVCacheEventManager(events, self._is_shut_down)
+        return KVCacheEventManager(self._backend.core.events, self._is_shut_down)
 
     # ---- lifetime --------------------------------------------------------------------------------
     def shutdown(self) -> None:

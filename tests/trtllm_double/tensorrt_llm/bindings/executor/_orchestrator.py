@@ -1,10 +1,10 @@
 """Orchestrator mode: spawn tp*pp*cp worker processes with MPI and talk to the leader over MPI.
 
 As in executorImpl.cpp `initializeOrchestrator`: the orchestrator must be an MPI world of size 1, it
-spawns the workers with `MPI_Comm_spawn` from COMM_SELF with info `bind_to=none`, broadcasts the model
-path and config, and waits on a barrier. Requests and cancellations then go to the leader worker, and
-responses and iteration stats come back, over the intercommunicator. The double's worker binary is a
-Python script, so it runs as `sys.executable <worker_executable_path>`.
+spawns the workers with `MPI_Comm_spawn` from COMM_SELF with info `bind_to=none`, broadcasts the
+model path and config, and waits on a barrier. Requests and cancellations then go to the leader
+worker, and responses and iteration stats come back, over the intercommunicator. The double's worker
+binary is a Python script, so it runs as `sys.executable <worker_executable_path>`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Request, SamplingConfig, OutputConfig, retention config, Response and Result.
 
-Signatures from nanobind/executor/request.cpp@ac456dca (reference §2.2, §3, §5): Request is keyword-only
-after `max_tokens`, SamplingConfig after `beam_width`. Response.error_msg and Response.result throw
-(RuntimeError) when the response is not of that kind, and `has_error` is a method, not a property.
+Signatures from nanobind/executor/request.cpp@ac456dca (reference §2.2, §3, §5): Request is
+keyword-only after `max_tokens`, SamplingConfig after `beam_width`. Response.error_msg and
+Response.result throw (RuntimeError) when the response is not of that kind; `has_error` is a method.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class Request:
         client_id: int | None = None,
         return_all_generated_tokens: bool = False,
         priority: float = 0.5,
-        type: RequestType = RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION,  # noqa: A002
+        type: RequestType = RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION,
         context_phase_params: Any = None,
         encoder_input_features: Any = None,
         encoder_output_length: int | None = None,

@@ -10,7 +10,6 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Union
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class KVCacheUpdatedData:
     priority: KVCacheEventDiffInt | None = None
 
 
-EventData = Union[KVCacheCreatedData, KVCacheStoredData, KVCacheRemovedData, KVCacheUpdatedData]
+EventData = KVCacheCreatedData | KVCacheStoredData | KVCacheRemovedData | KVCacheUpdatedData
 
 
 @dataclass(frozen=True)
@@ -102,13 +101,19 @@ class _EventQueue:
 
 
 class KVCacheEventManager:
-    def __init__(self, queue: _EventQueue, is_shut_down: threading.Event) -> None:
+    """Without an event buffer (event_buffer_max_size == 0) every call returns [] immediately."""
+
+    def __init__(self, queue: _EventQueue | None, is_shut_down: threading.Event) -> None:
         self._queue = queue
         self._is_shut_down = is_shut_down
 
     def get_latest_events(self, timeout_ms: float | None = None) -> list[KVCacheEvent]:
         """`timeout_ms` is milliseconds as a float (ints convert); None blocks until events."""
-        if timeout_ms is not None and not isinstance(timeout_ms, (int, float)):
+        if timeout_ms is not None and (
+            not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool)
+        ):
             raise TypeError("get_latest_events(): incompatible function arguments")
+        if self._queue is None:
+            return []
         timeout_s = None if timeout_ms is None else max(0.0, float(timeout_ms)) / 1000.0
         return self._queue.drain(timeout_s, self._is_shut_down)

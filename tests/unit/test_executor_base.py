@@ -27,3 +27,24 @@ def test_flush_releases_held_tokens_at_the_end() -> None:
 
 def test_no_sequences_passes_everything_through() -> None:
     assert StopSequenceMatcher([]).feed([1, 2, 3]) == ([1, 2, 3], False)
+
+
+def test_collector_returns_a_pending_delta_then_the_error() -> None:
+    import asyncio
+
+    import pytest
+
+    from deployments.errors import EngineDead
+    from deployments.executors.base import DeltaCollector
+    from deployments.messages import TokenDelta
+
+    async def main() -> None:
+        collector = DeltaCollector()
+        collector.put(TokenDelta(token_ids=[1]))
+        collector.put(TokenDelta(token_ids=[2]))
+        collector.fail(EngineDead("gone"))
+        assert (await collector.get()).token_ids == [1, 2]
+        with pytest.raises(EngineDead):
+            await asyncio.wait_for(collector.get(), timeout=1)
+
+    asyncio.run(main())

@@ -1,0 +1,116 @@
+"""Ray Serve placement of engine replicas: resources, placement groups and the MPI environment.
+
+A replica is one engine. With tensor parallelism the replica actor itself holds all the engine's
+GPUs in a single STRICT_PACK bundle, so Ray sets CUDA_VISIBLE_DEVICES to exactly those GPUs and the
+MPI workers TensorRT-LLM spawns (orchestrator mode) inherit it. One replica therefore never spans
+nodes; replicas spread over nodes like any other actors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# Open MPI refuses to start as root without both variables (containers usually run as root).
+_MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def mpi_env_vars(*, spawns_workers: bool) -> dict[str, str]:
+    """Environment an engine process needs for Open MPI.
+
+    Args:
+        spawns_workers: the engine spawns ranks (orchestrator mode, world size > 1).
+    Returns:
+        Root permission always (MPI initializes even for one rank). When spawning: no binding, since
+        Open MPI would pin every spawned rank to one core (TRT-LLM passes bind_to=none for the same
+        reason, nvbugs/4574329), and oversubscription, because Open MPI counts slots by host cores
+        and the orchestrator already holds one, so N ranks on a node with <= N cores fail with
+        "There are not enough slots available".
+    """
+    env = dict(_MPI_ROOT_ENV)
+    if spawns_workers:
+        env["OMPI_MCA_hwloc_base_binding_policy"] = "none"
+        env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
+    return env
+
+
+def engine_deployment_options(
+    *,
+    num_gpus: int,
+    num_cpus: float,
+    tensor_parallel_size: int,
+    uses_mpi: bool,
+) -> dict[str, Any]:
+    """Options for `serve.deployment(...)` / `Deployment.options(...)` of one engine replica.
+
+    Args:
+        num_gpus: GPUs per replica, tp * pp (0 for a CPU engine).
+        num_cpus: CPUs per replica (the orchestrator, its threads and the MPI ranks share them).
+        tensor_parallel_size: the engine's TP size; must divide num_gpus.
+        uses_mpi: the backend initializes MPI (TensorRT-LLM does; transformers does not).
+    Returns:
+        {"ray_actor_options": ...} and, for more than one GPU, "placement_group_bundles" (one bundle
+        with every GPU, which the replica actor occupies) and placement_group_strategy STRICT_PACK.
+    Raises:
+        ValueError: inconsistent sizes.
+    """
+    if num_gpus < 0 or num_cpus < 0 or num_gpus == num_cpus == 0:
+        raise ValueError(
+            f"a replica needs GPUs or CPUs, got num_gpus={num_gpus}, num_cpus={num_cpus}"
+        )
+    if tensor_parallel_size < 1 or (num_gpus and num_gpus % tensor_parallel_size):
+        raise ValueError(
+            f"num_gpus ({num_gpus}) must be a multiple of tensor_parallel_size "
+            f"({tensor_parallel_size}): an engine replica holds tp * pp GPUs"
+        )
+    actor_options: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        actor_options["num_gpus"] = num_gpus
+    if uses_mpi:
+        actor_options["runtime_env"] = {"env_vars": mpi_env_vars(spawns_workers=num_gpus > 1)}
+    options: dict[str, Any] = {"ray_actor_options": actor_options}
+    if num_gpus > 1:
+        # Serve runs the replica actor in bundle 0: the bundle holds exactly the actor's resources.
+        bundle = {"CPU": num_cpus, "GPU": num_gpus} if num_cpus else {"GPU": num_gpus}
+        options["placement_group_bundles"] = [bundle]
+        options["placement_group_strategy"] = "STRICT_PACK"
+    return options
+
+
+def check_replica_fits(
+    *,
+    num_gpus: int,
+    num_cpus: float,
+    nodes: Iterable[Mapping[str, Any]],
+) -> None:
+    """Fails fast at build time when no node can host a replica (Serve would wait forever).
+
+    Args:
+        nodes: `ray.nodes()` entries ({"Alive": bool, "Resources": {"GPU": ..., "CPU": ...}, ...}).
+            Skip this check on autoscaling clusters, whose GPU nodes may not exist yet.
+    Raises:
+        ValueError: naming what one replica needs and what the largest node offers.
+    """
+    alive = [node for node in nodes if node.get("Alive", True)]
+    fits = [
+        node
+        for node in alive
+        if node.get("Resources", {}).get("GPU", 0) >= num_gpus
+        and node.get("Resources", {}).get("CPU", 0) >= num_cpus
+    ]
+    if fits:
+        return
+    offers = sorted(
+        (
+            (node.get("Resources", {}).get("GPU", 0), node.get("Resources", {}).get("CPU", 0))
+            for node in alive
+        ),
+        reverse=True,
+    )
+    largest = f"{offers[0][0]:g} GPUs and {offers[0][1]:g} CPUs" if offers else "no alive nodes"
+    raise ValueError(
+        f"an engine replica needs {num_gpus} GPUs and {num_cpus:g} CPUs on one node, but the "
+        f"largest node has {largest} ({len(alive)} alive nodes). A replica cannot span nodes: "
+        f"build the engine with a smaller tensor/pipeline parallel size (trtllm-build --tp_size/"
+        f"--pp_size), use bigger nodes, or run leader mode (mpirun) outside Ray Serve."
+    )

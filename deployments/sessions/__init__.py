@@ -1,0 +1,1 @@
+"""Server-side conversations: state, persistence, context fitting and exact-token continuation."""
