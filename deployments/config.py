@@ -83,6 +83,10 @@ class RouterConfig(_Strict):
     default_max_tokens: int = Field(
         default=256, gt=0, description="`max_tokens` when a request gives none (capped by the context window)."
     )
+    tool_parser: Literal["auto", "hermes", "llama3_json", "mistral"] | None = Field(
+        default="auto",
+        description="How tool calls are read from generated text; `auto` detects it from the chat template.",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         description="Accepted API keys (also `$SHEPHERD_API_KEYS`, comma-separated). None: the server is open.",

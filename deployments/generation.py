@@ -53,16 +53,22 @@ class Generation:
         tokenizer: Any,
         *,
         stop: Sequence[str] = (),
+        skip_special_tokens: bool = True,
     ) -> None:
         self.request = request
         self._engine = engine
         self._detokenizer = IncrementalDetokenizer(
-            tokenizer, stop=stop, prompt_token_ids=request.prompt_token_ids
+            tokenizer,
+            stop=stop,
+            prompt_token_ids=request.prompt_token_ids,
+            skip_special_tokens=skip_special_tokens,
         )
         self._stream: Any = None
         self._first: TokenDelta | None = None
         self._is_done = False
         self.completion_token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self._num_logprobs_taken = 0
         self.text = ""
         self.is_finished = False
         self.is_stopped_by_string = False
@@ -122,8 +128,16 @@ class Generation:
             self._is_done = True
             raise to_serving_error(error) from error
 
+    def take_logprobs(self) -> list[tuple[int, float]]:
+        """(token id, logprob) pairs not taken yet: streamed chunks carry those of their own tokens."""
+        start, end = self._num_logprobs_taken, len(self.logprobs)
+        self._num_logprobs_taken = end
+        return list(zip(self.completion_token_ids[start:end], self.logprobs[start:end]))
+
     def _consume(self, delta: TokenDelta) -> TextEvent | None:
         self.completion_token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs.extend(delta.logprobs)
         text = self._detokenizer.feed(delta.token_ids)
         if self._detokenizer.is_stopped:
             self.close()

@@ -11,6 +11,7 @@ from deployments.errors import ContextLengthExceeded, RequestError
 from deployments.messages import EngineCapabilities, GenerateRequest, RetentionRange, SamplingParams
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.tokenization import ChatTemplate, encode, stop_token_ids
+from deployments.tool_parsers import detect_family
 
 
 def model_context_window(model_dir: str) -> int | None:
@@ -42,18 +43,49 @@ class PromptBuilder:
             raise ValueError(f"{model_dir}: no context window in config.json; set model.max_model_len")
         self.max_model_len = window
         self._end_id, self._stop_sequences = stop_token_ids(tokenizer)
+        template_text = str(getattr(tokenizer, "chat_template", "") or "")
+        configured = config.router.tool_parser
+        self.tool_parser_family = detect_family(template_text) if configured == "auto" else configured
 
     def check_chat(self, body: ChatCompletionRequest) -> None:
+        """What this server cannot honour for a chat request is refused up front, naming the field."""
         if self._template is None:
             raise RequestError("this model has no chat template; use /v1/completions", param="messages")
+        if body.tool_choice == "required" or (body.tool_choice is not None and not isinstance(body.tool_choice, str)):
+            # Forcing a call needs guided decoding, which neither engine offers here.
+            raise RequestError(
+                "tool_choice 'required' or a named function needs guided decoding, which this server does not "
+                "support; use 'auto'",
+                param="tool_choice",
+            )
+        if body.tools and self.tool_parser_family is None:
+            raise RequestError(
+                "this model's chat template has no known tool-call format; set router.tool_parser", param="tools"
+            )
+        if body.top_logprobs:
+            raise RequestError("top_logprobs > 0 is not supported (only the sampled token's)", param="top_logprobs")
+        if body.logprobs and not self._capabilities.supports_logprobs:
+            raise RequestError("logprobs are not supported by this engine", param="logprobs")
+
+    def check_completion(self, body: CompletionRequest) -> None:
+        if body.suffix is not None:
+            raise RequestError("suffix is not supported", param="suffix")
         if body.logprobs:
-            raise RequestError("logprobs is not supported yet", param="logprobs")
+            raise RequestError("logprobs > 0 is not supported (use 0: the sampled token's)", param="logprobs")
+        if body.logprobs is not None and not self._capabilities.supports_logprobs:
+            raise RequestError("logprobs are not supported by this engine", param="logprobs")
 
     def render_chat(self, body: ChatCompletionRequest) -> list[int]:
         self.check_chat(body)
         assert self._template is not None
         messages = [message.to_template_dict() for message in body.messages]
-        return self._template.render(messages, tools=body.tools)
+        return self._template.render(messages, tools=body.tool_dicts())
+
+    def render_tokenize(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                        add_generation_prompt: bool) -> list[int]:
+        if self._template is None:
+            raise RequestError("this model has no chat template", param="messages")
+        return self._template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -90,6 +122,7 @@ class PromptBuilder:
             end_id=None if body.ignore_eos else self._end_id,
             pad_id=self._tokenizer.pad_token_id,
             stop_token_sequences=() if body.ignore_eos else self._stop_sequences,
+            return_logprobs=bool(body.logprobs is not None and body.logprobs is not False),
         )
 
     def _max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:
@@ -113,9 +146,16 @@ class PromptBuilder:
         caps = self._capabilities
         if body.seed is not None and not caps.supports_seed:
             raise RequestError("seed is not supported by this engine", param="seed")
-        if (body.presence_penalty or body.frequency_penalty) and not caps.supports_penalties:
-            param = "presence_penalty" if body.presence_penalty else "frequency_penalty"
-            raise RequestError(f"{param} is not supported by this engine", param=param)
+        if not caps.supports_penalties:
+            for param, value, neutral in (
+                ("presence_penalty", body.presence_penalty, 0.0),
+                ("frequency_penalty", body.frequency_penalty, 0.0),
+                ("repetition_penalty", body.repetition_penalty, 1.0),
+            ):
+                if value != neutral:
+                    raise RequestError(f"{param} is not supported by this engine", param=param)
+        if body.min_tokens and not caps.supports_min_tokens:
+            raise RequestError("min_tokens is not supported by this engine", param="min_tokens")
         return SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
@@ -123,4 +163,6 @@ class PromptBuilder:
             seed=body.seed,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            min_tokens=body.min_tokens,
         )

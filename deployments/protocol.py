@@ -12,20 +12,15 @@ logger = logging.getLogger(__name__)
 
 
 class OpenAIBaseModel(BaseModel):
-    """Accepts unknown fields (clients send vendor extras) but logs their names once per model class."""
+    """Nested OpenAI objects: unknown fields are tolerated (clients send vendor extras inside messages)."""
 
     model_config = ConfigDict(extra="allow")
-    _warned: set[tuple[str, str]] = set()  # noqa: RUF012 - class-level de-duplication of warnings
 
-    @model_validator(mode="after")
-    def _log_ignored_fields(self) -> OpenAIBaseModel:
-        if self.model_extra:
-            for name in self.model_extra:
-                key = (type(self).__name__, name)
-                if key not in OpenAIBaseModel._warned:
-                    OpenAIBaseModel._warned.add(key)
-                    logger.warning("%s: ignoring unsupported field %r", key[0], name)
-        return self
+
+class StrictRequest(BaseModel):
+    """Top-level request bodies: an unknown field is a 400 that names it, as OpenAI answers."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 # ---- requests ---------------------------------------------------------------------------------------
@@ -78,21 +73,65 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(OpenAIBaseModel):
+class FunctionDefinition(OpenAIBaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("type", "object") != "object":
+            raise ValueError("a function's parameters must be a JSON Schema of type 'object'")
+        if "properties" in value and not isinstance(value["properties"], dict):
+            raise ValueError("'properties' must be an object")
+        return value
+
+
+class Tool(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class _SamplingFields(StrictRequest):
     model: str
     max_tokens: int | None = Field(default=None, gt=0)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
     seed: int | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
-    ignore_eos: bool = Field(default=False, description="vLLM extra: generate max_tokens, ignoring end tokens.")
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM-compatible extras (the OpenAI client sends them through `extra_body`).
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = Field(default=False, description="Generate max_tokens, ignoring end tokens.")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -113,32 +152,66 @@ class ChatCompletionRequest(_SamplingFields):
     session_id: str | None = Field(default=None, description="Continue this server-side session.")
     max_completion_tokens: int | None = Field(default=None, gt=0)
     logprobs: bool = False
-    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> ChatCompletionRequest:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.get("name")
+            if name not in {tool.function.name for tool in self.tools or []}:
+                raise ValueError(f"tool_choice names function {name!r}, which is not in tools")
+        elif self.tool_choice in ("auto", "required") and not self.tools:
+            raise ValueError(f"tool_choice {self.tool_choice!r} needs tools")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ValueError(f"response_format {self.response_format.type!r} is not supported")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] = Field(description="A string or a list of token ids.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of such lists."
+    )
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty(cls, value: str | list[int]) -> str | list[int]:
-        if len(value) == 0:
+    def _non_empty(cls, value: Any) -> Any:
+        if len(value) == 0 or (isinstance(value, list) and any(isinstance(p, str | list) and not p for p in value)):
             raise ValueError("prompt must not be empty")
         return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """Single-or-batch normalised once: a list of prompts, each text or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
 
-class CreateSessionRequest(OpenAIBaseModel):
+class CreateSessionRequest(StrictRequest):
     model: str | None = None
     system_prompt: str | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
 
 
@@ -149,9 +222,33 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ToolCallFunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunctionDelta
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[Any] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
 
 
 class SessionTurn(BaseModel):
@@ -165,10 +262,14 @@ class SessionTurn(BaseModel):
     is_prefix_continued: bool
 
 
+FinishReasonName = Literal["stop", "length", "tool_calls"]
+
+
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReasonName | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -181,15 +282,23 @@ class ChatCompletionChunk(BaseModel):
     session: SessionTurn | None = None
 
 
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReasonName
 
 
 class ChatCompletionResponse(BaseModel):
@@ -202,11 +311,18 @@ class ChatCompletionResponse(BaseModel):
     session: SessionTurn | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[Any] | None = None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -263,3 +379,35 @@ class SessionDeleted(BaseModel):
     id: str
     object: Literal["session.deleted"] = "session.deleted"
     deleted: bool = True
+
+
+class TokenizeRequest(StrictRequest):
+    """vLLM's /tokenize: either a prompt or chat messages."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(StrictRequest):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -3,11 +3,12 @@
 No `from __future__ import annotations` here: FastAPI must resolve the `Request` annotations at runtime.
 """
 
+import asyncio
 import json
 import logging
 import uuid
 from dataclasses import asdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -21,22 +22,28 @@ from deployments.auth import ApiKeys
 from deployments.config import AppConfig
 from deployments.errors import NotFoundError, RequestError, ServingError, to_error_body
 from deployments.generation import Generation, TextEvent
+from deployments.messages import RetentionRange
 from deployments.prompts import PromptBuilder
 from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     CreateSessionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EvictionView,
     ModelCard,
     ModelList,
     SessionDeleted,
     SessionTurn,
     SessionView,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from deployments.sessions.manager import SessionManager, TurnPlan
 from deployments.sessions.state import SessionState
 from deployments.sessions.store import open_session_store
 from deployments.tokenization import ChatTemplate, load_tokenizer
+from deployments.tool_parsers import get_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +64,21 @@ def parse_request(model: type[RequestT], body: Any) -> RequestT:
         return model.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise RequestError(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        loc = first["loc"]
+        param = ".".join(str(part) for part in loc) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = f"{param}: unknown field (not part of this API)"
+        if len(loc) > 1 and loc[0] == "tools" and isinstance(loc[1], int):
+            message += f" (tool {_tool_name(body, loc[1])!r})"
+        raise RequestError(message, param=param) from None
+
+
+def _tool_name(body: dict[str, Any], index: int) -> str | None:
+    try:
+        return str(body["tools"][index]["function"]["name"])
+    except (KeyError, IndexError, TypeError):
+        return None
 
 
 async def read_json(request: Request) -> Any:
@@ -109,10 +129,13 @@ def session_view(state: SessionState, context_window: int) -> SessionView:
 class ChatTurn:
     """One chat request in flight; on a session it commits the turn on a clean finish and only then."""
 
-    def __init__(self, generation: Generation, plan: TurnPlan | None, sessions: SessionManager) -> None:
+    def __init__(
+        self, generation: Generation, plan: TurnPlan | None, sessions: SessionManager, parser_family: str | None
+    ) -> None:
         self.generation = generation
         self._plan = plan
         self._sessions = sessions
+        self._parser_family = parser_family
         self._state: SessionState | None = None
 
     async def events(self) -> AsyncIterator[TextEvent]:
@@ -122,18 +145,32 @@ class ChatTurn:
             async for event in source:
                 if event.finish_reason is not None and self._plan is not None:
                     # Commit before the last event leaves: a client that drops now still gets its turn kept.
-                    self._state = await self._sessions.commit(
-                        self._plan,
-                        self.generation.completion_token_ids,
-                        self.generation.text,
-                        is_exact=not self.generation.is_stopped_by_string,
-                    )
+                    self._state = await self._commit(self._plan)
                     is_committed = True
                 yield event
         finally:
             await source.aclose()
             if self._plan is not None and not is_committed:
                 await self._sessions.abort(self._plan)
+
+    async def _commit(self, plan: TurnPlan) -> SessionState:
+        text = self.generation.text
+        message = None
+        if self._parser_family is not None:
+            parsed = get_tool_parser(self._parser_family).parse(text)
+            if parsed.tool_calls:
+                calls = [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in parsed.tool_calls
+                ]
+                message = {"role": "assistant", "content": parsed.content or "", "tool_calls": calls}
+        return await self._sessions.commit(
+            plan,
+            self.generation.completion_token_ids,
+            text,
+            is_exact=not self.generation.is_stopped_by_string and message is None,
+            assistant_message=message,
+        )
 
     def session(self) -> SessionTurn | None:
         plan = self._plan
@@ -185,13 +222,14 @@ class Router:
     async def http_chat(self, request: Request) -> Response:
         owner = self._keys.owner_of(request.headers.get("authorization"))
         body = parse_request(ChatCompletionRequest, await read_json(request))
-        session_id = body.session_id or request.headers.get("x-session-id")
-        turn = await self._start_chat(body, owner, session_id)
+        request_id, choices, session = await self._start_chat(
+            body, owner, body.session_id or request.headers.get("x-session-id")
+        )
         if not body.stream:
-            reply = await responses.chat_response(self.model_name, turn.generation, turn.events(), session=turn.session)
+            reply = await responses.chat_response(self.model_name, request_id, choices, session=session)
             return JSONResponse(reply.model_dump(exclude_none=True))
         chunks = responses.chat_chunks(
-            self.model_name, turn.generation, turn.events(), include_usage=_include_usage(body), session=turn.session
+            self.model_name, request_id, choices, include_usage=_include_usage(body), session=session
         )
         return sse.EventStreamResponse(sse_stream(chunks))
 
@@ -199,15 +237,26 @@ class Router:
     async def http_completions(self, request: Request) -> Response:
         self._keys.owner_of(request.headers.get("authorization"))
         body = parse_request(CompletionRequest, await read_json(request))
-        generation = await self._start_completion(body)
-        echo = self._prompts.decode(generation.request.prompt_token_ids) if body.echo else None
+        request_id, choices, echo = await self._start_completion(body)
         if not body.stream:
-            reply = await responses.completion_response(self.model_name, generation, echo_text=echo)
-            return JSONResponse(reply.model_dump())
+            reply = await responses.completion_response(self.model_name, request_id, choices, echo)
+            return JSONResponse(reply.model_dump(exclude_none=True))
         chunks = responses.completion_chunks(
-            self.model_name, generation, echo_text=echo, include_usage=_include_usage(body)
+            self.model_name, request_id, choices, echo, include_usage=_include_usage(body)
         )
         return sse.EventStreamResponse(sse_stream(chunks))
+
+    @api.post("/tokenize")
+    async def http_tokenize(self, request: Request) -> TokenizeResponse:
+        self._keys.owner_of(request.headers.get("authorization"))
+        return self._tokenize(parse_request(TokenizeRequest, await read_json(request)))
+
+    @api.post("/detokenize")
+    async def http_detokenize(self, request: Request) -> DetokenizeResponse:
+        self._keys.owner_of(request.headers.get("authorization"))
+        body = parse_request(DetokenizeRequest, await read_json(request))
+        self._check_model(body.model)
+        return DetokenizeResponse(prompt=self._prompts.decode(self._prompts.encode_prompt(body.tokens)))
 
     # ---- HTTP: sessions ---------------------------------------------------------------------------------
     @api.post("/v1/sessions")
@@ -230,16 +279,16 @@ class Router:
     async def chat(self, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any]:
         """Non-streaming chat completion: `await handle.chat.remote({...})`."""
         request = parse_request(ChatCompletionRequest, {**body, "stream": False})
-        turn = await self._start_chat(request, self._owner(api_key), request.session_id)
-        reply = await responses.chat_response(self.model_name, turn.generation, turn.events(), session=turn.session)
+        request_id, choices, session = await self._start_chat(request, self._owner(api_key), request.session_id)
+        reply = await responses.chat_response(self.model_name, request_id, choices, session=session)
         return reply.model_dump(exclude_none=True)
 
     async def chat_stream(self, body: dict[str, Any], api_key: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Streaming chat completion: `handle.options(stream=True).chat_stream.remote({...})` yields chunks."""
         request = parse_request(ChatCompletionRequest, {**body, "stream": True})
-        turn = await self._start_chat(request, self._owner(api_key), request.session_id)
+        request_id, choices, session = await self._start_chat(request, self._owner(api_key), request.session_id)
         chunks = responses.chat_chunks(
-            self.model_name, turn.generation, turn.events(), include_usage=_include_usage(request), session=turn.session
+            self.model_name, request_id, choices, include_usage=_include_usage(request), session=session
         )
         async with aclosing(chunks):
             async for chunk in chunks:
@@ -248,9 +297,13 @@ class Router:
     async def completions(self, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any]:
         self._owner(api_key)
         request = parse_request(CompletionRequest, {**body, "stream": False})
-        generation = await self._start_completion(request)
-        echo = self._prompts.decode(generation.request.prompt_token_ids) if request.echo else None
-        return (await responses.completion_response(self.model_name, generation, echo_text=echo)).model_dump()
+        request_id, choices, echo = await self._start_completion(request)
+        reply = await responses.completion_response(self.model_name, request_id, choices, echo)
+        return reply.model_dump(exclude_none=True)
+
+    async def tokenize(self, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any]:
+        self._owner(api_key)
+        return self._tokenize(parse_request(TokenizeRequest, body)).model_dump()
 
     async def create_session(self, body: dict[str, Any] | None = None, api_key: str | None = None) -> dict[str, Any]:
         return (await self._create_session(self._owner(api_key), body or {})).model_dump()
@@ -282,22 +335,41 @@ class Router:
         body = parse_request(CreateSessionRequest, raw)
         self._check_model(body.model)
         state = await self._sessions.create(
-            owner, self.model_name, system_prompt=body.system_prompt, tools=body.tools, metadata=body.metadata
+            owner,
+            self.model_name,
+            system_prompt=body.system_prompt,
+            tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+            metadata=body.metadata,
         )
         return session_view(state, self._prompts.max_model_len)
 
-    async def _start_chat(self, body: ChatCompletionRequest, owner: str, session_id: str | None) -> ChatTurn:
-        # 1) Validate; 2) build the prompt (a session continues its exact tokens); 3) start the engine stream.
+    def _tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self._check_model(body.model)
+        if body.messages is not None:
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            messages = [m.to_template_dict() for m in body.messages]
+            tokens = self._prompts.render_tokenize(messages, tools, body.add_generation_prompt)
+        else:
+            assert body.prompt is not None
+            tokens = self._prompts.encode_prompt(body.prompt)
+        return TokenizeResponse(count=len(tokens), max_model_len=self._prompts.max_model_len, tokens=tokens)
+
+    async def _start_chat(
+        self, body: ChatCompletionRequest, owner: str, session_id: str | None
+    ) -> tuple[str, list[responses.Choice], Callable[[], SessionTurn | None]]:
+        # 1) Validate; 2) build the prompt (a session continues its exact tokens); 3) start the engine streams.
+        self._check_model(body.model)
+        self._prompts.check_chat(body)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         plan: TurnPlan | None = None
+        tools: list[dict[str, Any]] | None = body.tool_dicts()
         if session_id is None:
             prompt_token_ids = self._prompts.render_chat(body)
-            request = self._prompts.generate_request(request_id, prompt_token_ids, body)
         else:
             if body.tools:
                 raise RequestError("a session's tools are set when the session is created", param="tools")
-            self._prompts.check_chat(body)
+            if body.n > 1:
+                raise RequestError("n > 1 cannot continue a session: which reply would it keep?", param="n")
             plan = await self._sessions.begin(
                 owner,
                 session_id,
@@ -305,27 +377,95 @@ class Router:
                 requested_max_tokens=body.requested_max_tokens(),
                 default_max_tokens=self._config.router.default_max_tokens,
             )
+            prompt_token_ids, tools = plan.prompt_token_ids, plan.state.tools
+        family = self._prompts.tool_parser_family if tools else None
         try:
-            if plan is not None:
-                request = self._prompts.generate_request(
-                    request_id, plan.prompt_token_ids, body, max_tokens=plan.max_tokens,
-                    session_id=session_id, retention=plan.retention,
-                )
             engine = self._engine.options(session_id=session_id) if session_id else self._engine
-            generation = Generation(engine, request, self._tokenizer, stop=body.stop_strings())
-            await generation.start()
+            generations = await self._start_generations(
+                engine, request_id, prompt_token_ids, body, body.n, skip_special_tokens=family is None,
+                max_tokens=plan.max_tokens if plan else None, session_id=session_id,
+                retention=plan.retention if plan else None,
+            )
         except BaseException:
             if plan is not None:
                 await self._sessions.abort(plan)
             raise
-        return ChatTurn(generation, plan, self._sessions)
+        turns = [ChatTurn(g, plan, self._sessions, family) for g in generations]
+        choices = [
+            responses.Choice(
+                index=i,
+                generation=turn.generation,
+                events=turn.events(),
+                parser=get_tool_parser(family) if family else None,
+                tokenizer=self._tokenizer,
+                has_logprobs=body.logprobs,
+            )
+            for i, turn in enumerate(turns)
+        ]
+        return request_id, choices, turns[0].session
 
-    async def _start_completion(self, body: CompletionRequest) -> Generation:
+    async def _start_completion(
+        self, body: CompletionRequest
+    ) -> tuple[str, list[responses.Choice], list[str | None]]:
         self._check_model(body.model)
-        if body.suffix is not None:
-            raise RequestError("suffix is not supported", param="suffix")
-        prompt_token_ids = self._prompts.encode_prompt(body.prompt)
-        request = self._prompts.generate_request(f"cmpl-{uuid.uuid4().hex}", prompt_token_ids, body)
-        generation = Generation(self._engine, request, self._tokenizer, stop=body.stop_strings())
-        await generation.start()
-        return generation
+        self._prompts.check_completion(body)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        choices: list[responses.Choice] = []
+        echo: list[str | None] = []
+        for prompt in body.prompts():
+            prompt_token_ids = self._prompts.encode_prompt(prompt)
+            generations = await self._start_generations(
+                self._engine, request_id, prompt_token_ids, body, body.n, skip_special_tokens=True,
+                first_index=len(choices),
+            )
+            for generation in generations:
+                choices.append(
+                    responses.Choice(
+                        index=len(choices),
+                        generation=generation,
+                        events=generation.events(),
+                        tokenizer=self._tokenizer,
+                        has_logprobs=body.logprobs is not None,
+                    )
+                )
+                echo.append(self._prompts.decode(prompt_token_ids) if body.echo else None)
+        return request_id, choices, echo
+
+    async def _start_generations(
+        self,
+        engine: Any,
+        request_id: str,
+        prompt_token_ids: list[int],
+        body: ChatCompletionRequest | CompletionRequest,
+        n: int,
+        *,
+        skip_special_tokens: bool,
+        max_tokens: int | None = None,
+        session_id: str | None = None,
+        retention: RetentionRange | None = None,
+        first_index: int = 0,
+    ) -> list[Generation]:
+        """n engine requests for one prompt, started together; if one fails to start, the others are cancelled.
+        Engine request ids are the response id, suffixed by the choice index when there are several."""
+        generations = []
+        for i in range(first_index, first_index + n):
+            request = self._prompts.generate_request(
+                f"{request_id}-{i}" if (n > 1 or i) else request_id,
+                prompt_token_ids,
+                body,
+                max_tokens=max_tokens,
+                session_id=session_id,
+                retention=retention,
+            )
+            generations.append(
+                Generation(
+                    engine, request, self._tokenizer, stop=body.stop_strings(), skip_special_tokens=skip_special_tokens
+                )
+            )
+        try:
+            await asyncio.gather(*(g.start() for g in generations))
+        except BaseException:
+            for generation in generations:
+                generation.close()
+            raise
+        return generations

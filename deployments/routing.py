@@ -301,6 +301,25 @@ class SessionAffinityRouter(RequestRouter):
         )
         return [[by_id[unique_id] for unique_id in rank] for rank in ranks]
 
+    def _fulfill_next_pending_request(
+        self, replica: RunningReplica, request_metadata: Any = None
+    ) -> None:
+        """Serve indexes pending requests by internal request id, once per id; but the engine calls of one HTTP
+        request (n > 1 choices) share their parent's id, so only the first sibling is indexed and the others
+        would wait forever. Hand the replica to the oldest unfulfilled sibling instead (Ray 2.60 internals)."""
+        if request_metadata is None or self._get_pending_request_matching_internal_request_id(request_metadata):
+            super()._fulfill_next_pending_request(replica, request_metadata)
+            return
+        for pending in self._pending_requests_to_fulfill:
+            if (
+                not pending.future.done()
+                and pending.metadata.internal_request_id == request_metadata.internal_request_id
+            ):
+                self._cancel_routing_task_for_pending_request(pending)
+                self._record_queue_wait_time(pending)
+                pending.future.set_result(replica)
+                return
+
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
     ) -> None:

@@ -52,7 +52,7 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,
             )
-        except TemplateError as error:
+        except (TemplateError, ValueError, TypeError) as error:
             raise RequestError(f"the chat template rejected the messages: {error}", param="messages") from error
         return str(text)
 

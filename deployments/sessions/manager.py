@@ -87,7 +87,8 @@ class SessionManager:
         )
         if system_prompt or tools:
             # Render once now: a template that rejects the system prompt or tools fails creation, not turn 1.
-            self._template.render_text(self._system_messages(state), tools=tools, add_generation_prompt=False)
+            probe = [*self._system_messages(state), {"role": "user", "content": "?"}]
+            self._template.render_text(probe, tools=tools, add_generation_prompt=False)
         await self._store.create(state, max_sessions_per_owner=self._max_sessions_per_owner)
         return state
 
@@ -128,16 +129,24 @@ class SessionManager:
             raise
 
     async def commit(
-        self, plan: TurnPlan, completion_token_ids: list[int], completion_text: str, *, is_exact: bool
+        self,
+        plan: TurnPlan,
+        completion_token_ids: list[int],
+        completion_text: str,
+        *,
+        is_exact: bool,
+        assistant_message: dict[str, Any] | None = None,
     ) -> SessionState:
         """Appends the turn and its reply; only called after a clean finish.
 
         `is_exact` says the reply text is exactly the decoded ids (no stop string cut it): then the next turn
         continues from these very ids; otherwise from the prompt's ids plus the ids of the reply text.
+        `assistant_message` replaces the plain reply in the history (a reply that carried tool calls).
         """
         state = plan.state
         try:
-            state.messages = [*plan.history, *plan.new_messages, {"role": "assistant", "content": completion_text}]
+            reply = assistant_message or {"role": "assistant", "content": completion_text}
+            state.messages = [*plan.history, *plan.new_messages, reply]
             state.prompt_text = plan.prompt_text + completion_text
             if not (is_exact and self._tokenizer.decode(completion_token_ids) == completion_text):
                 # The reply text is not exactly these ids (a stop string cut it, or skipped special tokens):
@@ -247,7 +256,7 @@ class SessionManager:
 
     def _retention(self, state: SessionState, prompt_ids: list[int]) -> RetentionRange | None:
         """The system prompt (and tools) as a high-retention KV range, when it is a prefix of the prompt."""
-        if not state.system_prompt and not state.tools:
+        if not state.system_prompt:
             return None
         system_ids = self._template.encode(
             self._template.render_text(self._system_messages(state), tools=state.tools, add_generation_prompt=False)

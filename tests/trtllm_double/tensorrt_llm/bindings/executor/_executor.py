@@ -8,11 +8,17 @@ Mirrors nanobind/executor/executor.cpp@f0c873f5 and executorImpl.cpp@b35ac1b6 (r
 - every method raises RuntimeError("Shutdown called") after `shutdown()`;
 - `get_kv_cache_event_manager()` is None in the orchestrator process (it holds no model);
 - in orchestrator mode the workers are real processes started by MPI_Comm_spawn (_orchestrator).
+
+Test hook (not in the real bindings): with `$SHEPHERD_TRTLLM_DOUBLE_RECORD` set to a file path,
+every enqueued request, cancellation and final response is appended there as one JSON line, so
+end-to-end tests can see what the engine was asked from outside the (Ray replica) process owning it.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +29,61 @@ from ._enums import CommunicationMode, ModelType
 from ._request import Request, Response
 from ._stats import IterationStats
 from .kv_cache import KVCacheEventManager
+
+_RECORD_ENV = "SHEPHERD_TRTLLM_DOUBLE_RECORD"
+
+
+def _record(lines: list[dict[str, Any]]) -> None:
+    """Appends JSON lines to $SHEPHERD_TRTLLM_DOUBLE_RECORD (one O_APPEND write per call, so
+    processes may share the file)."""
+    path = os.environ.get(_RECORD_ENV)
+    if not path or not lines:
+        return
+    pid = os.getpid()
+    data = "".join(json.dumps({**line, "pid": pid}) + "\n" for line in lines).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _describe(request_id: int, request: Request) -> dict[str, Any]:
+    retention = request.kv_cache_retention_config
+    return {
+        "event": "enqueue",
+        "request_id": request_id,
+        "client_id": request.client_id,
+        "input_token_ids": request.input_token_ids,
+        "max_tokens": request.max_tokens,
+        "streaming": request.streaming,
+        "end_id": request.end_id,
+        "retention": None
+        if retention is None
+        else {
+            "token_ranges": [
+                [r.token_start, r.token_end, r.priority]
+                for r in retention.token_range_retention_configs
+            ],
+            "decode_retention_priority": retention.decode_retention_priority,
+        },
+    }
+
+
+def _describe_final(response: Response) -> dict[str, Any] | None:
+    if response.has_error():
+        return {"event": "error", "request_id": response.request_id, "message": response.error_msg}
+    result = response.result
+    if not result.is_final:
+        return None
+    return {
+        "event": "final",
+        "request_id": response.request_id,
+        "client_id": response.client_id,
+        "finish_reason": result.finish_reasons[0].name,
+        "num_generated_tokens": result.decoding_iter,
+    }
+
 
 _AWAIT_SIGNATURES = """await_responses(): incompatible function arguments. The following argument \
 types are supported:
@@ -87,6 +148,8 @@ class _ResponseStore:
         self._is_shut_down = is_shut_down
 
     def push(self, responses: list[Response]) -> None:
+        if responses and os.environ.get(_RECORD_ENV):
+            _record([line for line in map(_describe_final, responses) if line is not None])
         if responses:
             with self._cond:
                 self._ready.extend(responses)
@@ -240,7 +303,13 @@ class Executor:
             with self._id_lock:
                 request_id = self._next_request_id
                 self._next_request_id += 1
-            self._backend.submit(request_id, request)
+            # Recorded before the engine sees it, so the record is in causal order.
+            _record([_describe(request_id, request)] if os.environ.get(_RECORD_ENV) else [])
+            try:
+                self._backend.submit(request_id, request)
+            except RuntimeError as exc:
+                _record([{"event": "error", "request_id": request_id, "message": str(exc)}])
+                raise
             ids.append(request_id)
         return ids
 
@@ -268,6 +337,7 @@ class Executor:
         self._check_usable()
         if not _is_int(id):
             raise TypeError("cancel_request(): incompatible function arguments (id: int)")
+        _record([{"event": "cancel", "request_id": id}])
         self._backend.cancel(id)
 
     def can_enqueue_requests(self) -> bool:
