@@ -31,7 +31,9 @@ class ApiKeys:
         self._keys = [k.encode() for k in (*keys, *env)]
         if not self._keys and not ApiKeys._warned_open:
             ApiKeys._warned_open = True
-            logger.warning("no API keys configured: the server is open and all sessions share one owner")
+            logger.warning(
+                "no API keys configured: the server is open and all sessions share one owner"
+            )
 
     @property
     def is_open(self) -> bool:
@@ -47,7 +49,9 @@ class ApiKeys:
         for candidate in self._keys:
             matched |= hmac.compare_digest(candidate, key)
         if not matched:
-            raise AuthenticationError("a valid API key is required (Authorization: Bearer <key>)", code="invalid_api_key")
+            raise AuthenticationError(
+                "a valid API key is required (Authorization: Bearer <key>)", code="invalid_api_key"
+            )
         return "key_" + hashlib.sha256(key).hexdigest()[:24]
 
 

@@ -10,7 +10,6 @@ from deployments.executors.trtllm_config import TrtllmConfig
 from deployments.sessions.store import SessionStoreConfig
 
 
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -22,7 +21,8 @@ class ModelConfig(_Strict):
         "None serves the embedded default model, built locally on first start.",
     )
     tokenizer_path: str | None = Field(
-        default=None, description="Tokenizer directory when it is not inside `path` (TensorRT-LLM engines)."
+        default=None,
+        description="Tokenizer directory when it is not inside `path` (TensorRT-LLM engines).",
     )
     served_model_name: str | None = Field(
         default=None, description="The `model` id clients send; defaults to the directory name."
@@ -32,19 +32,34 @@ class ModelConfig(_Strict):
     )
     embedded_seed: int = Field(default=0, description="Seed of the embedded default model.")
     cache_dir: str | None = Field(
-        default=None, description="Where the embedded model is cached (default ~/.cache/shepherd-serve)."
+        default=None,
+        description="Where the embedded model is cached (default ~/.cache/shepherd-serve).",
     )
 
 
 class TransformersEngineConfig(_Strict):
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="`auto` picks CUDA when visible.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Weights dtype.")
-    attn_implementation: str = Field(default="sdpa", description="`sdpa` or `eager` (paged on CPU and GPU).")
-    num_blocks: int = Field(default=128, gt=0, description="KV-cache pages; set explicitly (auto-sizing grabs GiBs).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="`auto` picks CUDA when visible."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weights dtype."
+    )
+    attn_implementation: str = Field(
+        default="sdpa", description="`sdpa` or `eager` (paged on CPU and GPU)."
+    )
+    num_blocks: int = Field(
+        default=128, gt=0, description="KV-cache pages; set explicitly (auto-sizing grabs GiBs)."
+    )
     page_size: int = Field(default=64, gt=0, description="Tokens per KV-cache page.")
-    max_batch_tokens: int = Field(default=512, gt=0, description="Tokens per forward step (prefill chunking).")
-    max_requests_per_batch: int = Field(default=64, gt=0, description="Concurrent sequences per step.")
-    enable_prefix_sharing: bool = Field(default=True, description="Reuse KV blocks of shared prefixes.")
+    max_batch_tokens: int = Field(
+        default=512, gt=0, description="Tokens per forward step (prefill chunking)."
+    )
+    max_requests_per_batch: int = Field(
+        default=64, gt=0, description="Concurrent sequences per step."
+    )
+    enable_prefix_sharing: bool = Field(
+        default=True, description="Reuse KV blocks of shared prefixes."
+    )
     use_cuda_graph: bool = Field(default=False, description="CUDA graphs on GPU (ignored on CPU).")
     scheduler: Literal["fifo", "prefill_first"] = Field(default="fifo", description="CB scheduler.")
 
@@ -53,10 +68,16 @@ class EmulatorConfig(_Strict):
     """A load-testing engine that does no compute (benchmarks only, never the default)."""
 
     ttft_ms: float = Field(default=20.0, ge=0, description="Time to first token of each request.")
-    itl_ms: float = Field(default=8.0, ge=0, description="Inter-token latency of one decoding step.")
-    max_batch_size: int = Field(default=256, gt=0, description="Requests decoded together; more wait in a queue.")
+    itl_ms: float = Field(
+        default=8.0, ge=0, description="Inter-token latency of one decoding step."
+    )
+    max_batch_size: int = Field(
+        default=256, gt=0, description="Requests decoded together; more wait in a queue."
+    )
     prefill_tokens_per_s: float = Field(
-        default=0.0, ge=0, description="Extra prefill time per prompt token (0: TTFT is independent of length)."
+        default=0.0,
+        ge=0,
+        description="Extra prefill time per prompt token (0: TTFT is independent of length).",
     )
 
 
@@ -67,21 +88,35 @@ class EngineConfig(_Strict):
     num_replicas: int = Field(default=1, ge=1, description="Engine replicas.")
     num_cpus_per_replica: float = Field(default=1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus_per_replica: int = Field(
-        default=0, ge=0, description="GPUs per replica (TensorRT-LLM: tp_size * pp_size of the engine)."
+        default=0,
+        ge=0,
+        description="GPUs per replica (TensorRT-LLM: tp_size * pp_size of the engine).",
     )
-    max_ongoing_requests: int = Field(default=256, gt=0, description="In-flight requests per replica.")
-    health_check_period_s: float = Field(default=10.0, gt=0, description="Serve health-check period.")
+    max_ongoing_requests: int = Field(
+        default=256, gt=0, description="In-flight requests per replica."
+    )
+    health_check_period_s: float = Field(
+        default=10.0, gt=0, description="Serve health-check period."
+    )
     transformers: TransformersEngineConfig = Field(default_factory=TransformersEngineConfig)
     emulator: EmulatorConfig = Field(default_factory=EmulatorConfig)
-    trtllm: TrtllmConfig = Field(default_factory=TrtllmConfig, description="TensorRT-LLM executor settings.")
+    trtllm: TrtllmConfig = Field(
+        default_factory=TrtllmConfig, description="TensorRT-LLM executor settings."
+    )
 
 
 class RouterConfig(_Strict):
     num_replicas: int = Field(default=1, ge=1, description="Router (HTTP ingress) replicas.")
-    num_cpus_per_replica: float = Field(default=0.5, ge=0, description="CPUs reserved per router replica.")
-    max_ongoing_requests: int = Field(default=1024, gt=0, description="In-flight HTTP requests per replica.")
+    num_cpus_per_replica: float = Field(
+        default=0.5, ge=0, description="CPUs reserved per router replica."
+    )
+    max_ongoing_requests: int = Field(
+        default=1024, gt=0, description="In-flight HTTP requests per replica."
+    )
     default_max_tokens: int = Field(
-        default=256, gt=0, description="`max_tokens` when a request gives none (capped by the context window)."
+        default=256,
+        gt=0,
+        description="`max_tokens` when a request gives none (capped by the context window).",
     )
     tool_parser: Literal["auto", "hermes", "llama3_json", "mistral"] | None = Field(
         default="auto",
@@ -99,7 +134,9 @@ class SessionsConfig(_Strict):
         default=1000, gt=0, description="Live sessions one API key may hold; None: unlimited."
     )
     turn_timeout_s: float = Field(
-        default=600.0, gt=0, description="How long one turn may hold its session before another may start."
+        default=600.0,
+        gt=0,
+        description="How long one turn may hold its session before another may start.",
     )
 
 
@@ -112,5 +149,7 @@ class AppConfig(_Strict):
     @model_validator(mode="after")
     def _check_engine_model(self) -> AppConfig:
         if self.engine.kind == "trtllm" and self.model.path is None:
-            raise ValueError("engine.kind=trtllm needs model.path (a trtllm-build engine directory)")
+            raise ValueError(
+                "engine.kind=trtllm needs model.path (a trtllm-build engine directory)"
+            )
         return self

@@ -62,7 +62,9 @@ def default_cache_dir() -> Path:
 
 
 def embedded_model_dir(cache_dir: Path | None = None, seed: int = DEFAULT_SEED) -> Path:
-    return (cache_dir or default_cache_dir()) / f"{EMBEDDED_MODEL_NAME}-r{RECIPE_VERSION}-seed{seed}"
+    return (
+        cache_dir or default_cache_dir()
+    ) / f"{EMBEDDED_MODEL_NAME}-r{RECIPE_VERSION}-seed{seed}"
 
 
 def ensure_embedded_model(cache_dir: Path | None = None, seed: int = DEFAULT_SEED) -> Path:
@@ -89,7 +91,9 @@ def ensure_embedded_model(cache_dir: Path | None = None, seed: int = DEFAULT_SEE
 
 
 def _progress(step: int, total: int, what: str) -> None:
-    print(f"[shepherd] building embedded model ({step}/{total}): {what}", file=sys.stderr, flush=True)
+    print(
+        f"[shepherd] building embedded model ({step}/{total}): {what}", file=sys.stderr, flush=True
+    )
 
 
 def generate_corpus(seed: int, num_lines: int = 4000) -> list[str]:
@@ -110,7 +114,12 @@ def build_embedded_model(out_dir: Path, seed: int = DEFAULT_SEED) -> None:
     # Heavy imports stay local: the router imports this module only to resolve paths.
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     _progress(1, 3, "training a byte-level BPE tokenizer")
     tokenizer = Tokenizer(models.BPE())

@@ -11,9 +11,9 @@ from ray import serve
 
 from deployments.config import EngineConfig
 from deployments.executors.base import Executor
+from deployments.messages import EngineCapabilities, ExecutorStats, GenerateRequest, TokenDelta
 from deployments.placement import engine_deployment_options
 from deployments.routing import engine_request_router_config
-from deployments.messages import EngineCapabilities, ExecutorStats, GenerateRequest, TokenDelta
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,10 @@ class Engine:
     def record_routing_stats(self) -> dict[str, Any]:
         """Polled by Serve for the request router (deployments.routing)."""
         stats = self._executor.stats()
-        return {"num_active_requests": stats.num_active_requests, "num_queued_requests": stats.num_queued_requests}
+        return {
+            "num_active_requests": stats.num_active_requests,
+            "num_queued_requests": stats.num_queued_requests,
+        }
 
     async def __del__(self) -> None:
         await self._executor.shutdown()

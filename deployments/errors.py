@@ -1,13 +1,13 @@
 """Exception tree and its single mapping onto OpenAI-shaped HTTP errors.
 
-    ServingError
-    ├── RequestError (400)          bad input; `param` names the field
-    │   └── ContextLengthExceeded   prompt + max_tokens > context window
-    ├── NotFoundError (404)         unknown model or session
-    ├── ConflictError (409)         session already generating
-    ├── OverloadedError (503)       queue full; `retry_after_s`
-    └── EngineError (500)           the engine failed a request
-        └── EngineDead (503)        the engine stopped; fails check_health
+ServingError
+├── RequestError (400)          bad input; `param` names the field
+│   └── ContextLengthExceeded   prompt + max_tokens > context window
+├── NotFoundError (404)         unknown model or session
+├── ConflictError (409)         session already generating
+├── OverloadedError (503)       queue full; `retry_after_s`
+└── EngineError (500)           the engine failed a request
+    └── EngineDead (503)        the engine stopped; fails check_health
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ class ServingError(Exception):
         return (_rebuild, (type(self), self.message, self.param, self.code))
 
 
-def _rebuild(cls: type[ServingError], message: str, param: str | None, code: str | None) -> ServingError:
+def _rebuild(
+    cls: type[ServingError], message: str, param: str | None, code: str | None
+) -> ServingError:
     return cls(message, param=param, code=code)
 
 
@@ -40,7 +42,9 @@ class RequestError(ServingError):
 
 
 class ContextLengthExceeded(RequestError):
-    def __init__(self, message: str, *, param: str | None = "messages", code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = "messages", code: str | None = None
+    ) -> None:
         super().__init__(message, param=param, code=code or "context_length_exceeded")
 
 

@@ -83,7 +83,9 @@ class Generation:
 
     def usage(self) -> Usage:
         prompt, completion = self.num_prompt_tokens, self.num_completion_tokens
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
 
     async def start(self) -> None:
         self._stream = self._engine.generate.remote(self.request)
@@ -132,7 +134,7 @@ class Generation:
         """(token id, logprob) pairs not taken yet: streamed chunks carry those of their own tokens."""
         start, end = self._num_logprobs_taken, len(self.logprobs)
         self._num_logprobs_taken = end
-        return list(zip(self.completion_token_ids[start:end], self.logprobs[start:end]))
+        return list(zip(self.completion_token_ids[start:end], self.logprobs[start:end], strict=True))
 
     def _consume(self, delta: TokenDelta) -> TextEvent | None:
         self.completion_token_ids.extend(delta.token_ids)
@@ -151,7 +153,9 @@ class Generation:
             if delta.finish_reason is FinishReason.CANCELLED:
                 raise EngineError("the engine cancelled the request")
             self.is_finished = True
-            finish: OpenAIFinish = "length" if delta.finish_reason is FinishReason.LENGTH else "stop"
+            finish: OpenAIFinish = (
+                "length" if delta.finish_reason is FinishReason.LENGTH else "stop"
+            )
             return TextEvent(text, finish)
         self.text += text
         return TextEvent(text) if text else None

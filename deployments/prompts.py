@@ -35,23 +35,33 @@ class PromptBuilder:
     ) -> None:
         self._config = config
         self._tokenizer = tokenizer
-        self._template = ChatTemplate(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+        self._template = (
+            ChatTemplate(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+        )
         self._capabilities = capabilities
         self.model_name = config.model.served_model_name or Path(model_dir).name
         window = config.model.max_model_len or model_context_window(model_dir)
         if window is None:
-            raise ValueError(f"{model_dir}: no context window in config.json; set model.max_model_len")
+            raise ValueError(
+                f"{model_dir}: no context window in config.json; set model.max_model_len"
+            )
         self.max_model_len = window
         self._end_id, self._stop_sequences = stop_token_ids(tokenizer)
         template_text = str(getattr(tokenizer, "chat_template", "") or "")
         configured = config.router.tool_parser
-        self.tool_parser_family = detect_family(template_text) if configured == "auto" else configured
+        self.tool_parser_family = (
+            detect_family(template_text) if configured == "auto" else configured
+        )
 
     def check_chat(self, body: ChatCompletionRequest) -> None:
         """What this server cannot honour for a chat request is refused up front, naming the field."""
         if self._template is None:
-            raise RequestError("this model has no chat template; use /v1/completions", param="messages")
-        if body.tool_choice == "required" or (body.tool_choice is not None and not isinstance(body.tool_choice, str)):
+            raise RequestError(
+                "this model has no chat template; use /v1/completions", param="messages"
+            )
+        if body.tool_choice == "required" or (
+            body.tool_choice is not None and not isinstance(body.tool_choice, str)
+        ):
             # Forcing a call needs guided decoding, which neither engine offers here.
             raise RequestError(
                 "tool_choice 'required' or a named function needs guided decoding, which this server does not "
@@ -60,10 +70,13 @@ class PromptBuilder:
             )
         if body.tools and self.tool_parser_family is None:
             raise RequestError(
-                "this model's chat template has no known tool-call format; set router.tool_parser", param="tools"
+                "this model's chat template has no known tool-call format; set router.tool_parser",
+                param="tools",
             )
         if body.top_logprobs:
-            raise RequestError("top_logprobs > 0 is not supported (only the sampled token's)", param="top_logprobs")
+            raise RequestError(
+                "top_logprobs > 0 is not supported (only the sampled token's)", param="top_logprobs"
+            )
         if body.logprobs and not self._capabilities.supports_logprobs:
             raise RequestError("logprobs are not supported by this engine", param="logprobs")
 
@@ -71,7 +84,9 @@ class PromptBuilder:
         if body.suffix is not None:
             raise RequestError("suffix is not supported", param="suffix")
         if body.logprobs:
-            raise RequestError("logprobs > 0 is not supported (use 0: the sampled token's)", param="logprobs")
+            raise RequestError(
+                "logprobs > 0 is not supported (use 0: the sampled token's)", param="logprobs"
+            )
         if body.logprobs is not None and not self._capabilities.supports_logprobs:
             raise RequestError("logprobs are not supported by this engine", param="logprobs")
 
@@ -81,11 +96,17 @@ class PromptBuilder:
         messages = [message.to_template_dict() for message in body.messages]
         return self._template.render(messages, tools=body.tool_dicts())
 
-    def render_tokenize(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                        add_generation_prompt: bool) -> list[int]:
+    def render_tokenize(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        add_generation_prompt: bool,
+    ) -> list[int]:
         if self._template is None:
             raise RequestError("this model has no chat template", param="messages")
-        return self._template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        return self._template.render(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt
+        )
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -93,7 +114,10 @@ class PromptBuilder:
         vocab_size = len(self._tokenizer)
         bad = next((token_id for token_id in prompt if not 0 <= token_id < vocab_size), None)
         if bad is not None:
-            raise RequestError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab_size})", param="prompt")
+            raise RequestError(
+                f"prompt: token id {bad} is outside the vocabulary [0, {vocab_size})",
+                param="prompt",
+            )
         return list(prompt)
 
     def decode(self, token_ids: list[int]) -> str:

@@ -192,7 +192,9 @@ class CompletionRequest(_SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, value: Any) -> Any:
-        if len(value) == 0 or (isinstance(value, list) and any(isinstance(p, str | list) and not p for p in value)):
+        if len(value) == 0 or (
+            isinstance(value, list) and any(isinstance(p, str | list) and not p for p in value)
+        ):
             raise ValueError("prompt must not be empty")
         return value
 

@@ -55,7 +55,9 @@ class Choice:
 def total_usage(choices: list[Choice]) -> Usage:
     prompt = sum(c.generation.num_prompt_tokens for c in choices[:1])
     completion = sum(c.generation.num_completion_tokens for c in choices)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 def _token_logprobs(choice: Choice, pairs: list[tuple[int, float]]) -> ChoiceLogprobs | None:
@@ -154,23 +156,34 @@ async def chat_chunks(
             extra = {"session": session()} if chunk_choice.finish_reason is not None else {}
             yield ChatCompletionChunk(id=request_id, model=model, choices=[chunk_choice], **extra)
     if include_usage:
-        yield ChatCompletionChunk(id=request_id, model=model, choices=[], usage=total_usage(choices))
+        yield ChatCompletionChunk(
+            id=request_id, model=model, choices=[], usage=total_usage(choices)
+        )
 
 
 async def _chat_choice(choice: Choice) -> ChatChoice:
     text, finish = await collect(choice.events)
     logprobs = _token_logprobs(choice, choice.generation.take_logprobs())
     if choice.parser is None:
-        return ChatChoice(index=choice.index, message=ResponseMessage(content=text), logprobs=logprobs,
-                          finish_reason=finish)
+        return ChatChoice(
+            index=choice.index,
+            message=ResponseMessage(content=text),
+            logprobs=logprobs,
+            finish_reason=finish,
+        )
     parsed = choice.parser.parse(text)
     calls = [
-        ResponseToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+        ResponseToolCall(
+            id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments)
+        )
         for call in parsed.tool_calls
     ]
     message = ResponseMessage(content=parsed.content, tool_calls=calls or None)
     return ChatChoice(
-        index=choice.index, message=message, logprobs=logprobs, finish_reason="tool_calls" if calls else finish
+        index=choice.index,
+        message=message,
+        logprobs=logprobs,
+        finish_reason="tool_calls" if calls else finish,
     )
 
 
@@ -179,12 +192,18 @@ async def chat_response(
 ) -> ChatCompletionResponse:
     results = await asyncio.gather(*(_chat_choice(c) for c in choices))
     return ChatCompletionResponse(
-        id=request_id, model=model, choices=list(results), usage=total_usage(choices), session=session()
+        id=request_id,
+        model=model,
+        choices=list(results),
+        usage=total_usage(choices),
+        session=session(),
     )
 
 
 # ---- completions ----------------------------------------------------------------------------------------
-def _completion_logprobs(choice: Choice, pairs: list[tuple[int, float]], offset: int) -> CompletionLogprobs | None:
+def _completion_logprobs(
+    choice: Choice, pairs: list[tuple[int, float]], offset: int
+) -> CompletionLogprobs | None:
     if not choice.has_logprobs:
         return None
     tokens = [choice.tokenizer.decode([token_id]) for token_id, _ in pairs]
@@ -193,11 +212,16 @@ def _completion_logprobs(choice: Choice, pairs: list[tuple[int, float]], offset:
         offsets.append(offset)
         offset += len(token)
     return CompletionLogprobs(
-        tokens=tokens, token_logprobs=[lp for _, lp in pairs], top_logprobs=None, text_offset=offsets
+        tokens=tokens,
+        token_logprobs=[lp for _, lp in pairs],
+        top_logprobs=None,
+        text_offset=offsets,
     )
 
 
-async def _completion_choice_chunks(choice: Choice, echo_text: str | None) -> AsyncIterator[CompletionChoice]:
+async def _completion_choice_chunks(
+    choice: Choice, echo_text: str | None
+) -> AsyncIterator[CompletionChoice]:
     offset = 0
     if echo_text is not None:
         offset = len(echo_text)
@@ -208,19 +232,29 @@ async def _completion_choice_chunks(choice: Choice, echo_text: str | None) -> As
             logprobs = _completion_logprobs(choice, pairs, offset)
             offset += len(event.text)
             yield CompletionChoice(
-                index=choice.index, text=event.text, finish_reason=event.finish_reason, logprobs=logprobs
+                index=choice.index,
+                text=event.text,
+                finish_reason=event.finish_reason,
+                logprobs=logprobs,
             )
 
 
 async def completion_chunks(
-    model: str, request_id: str, choices: list[Choice], echo: list[str | None], *, include_usage: bool
+    model: str,
+    request_id: str,
+    choices: list[Choice],
+    echo: list[str | None],
+    *,
+    include_usage: bool,
 ) -> AsyncIterator[CompletionResponse]:
-    streams = [_completion_choice_chunks(c, e) for c, e in zip(choices, echo)]
+    streams = [_completion_choice_chunks(c, e) for c, e in zip(choices, echo, strict=True)]
     async with aclosing(merge(streams)) as merged:
         async for choice in merged:
             yield CompletionResponse(id=request_id, model=model, choices=[choice])
     if include_usage:
-        yield CompletionResponse(id=request_id, model=model, choices=[], usage=_completion_usage(choices))
+        yield CompletionResponse(
+            id=request_id, model=model, choices=[], usage=_completion_usage(choices)
+        )
 
 
 async def completion_response(
@@ -230,18 +264,26 @@ async def completion_response(
         text, finish = await collect(choice.events)
         prefix = echo_text or ""
         logprobs = _completion_logprobs(choice, choice.generation.take_logprobs(), len(prefix))
-        return CompletionChoice(index=choice.index, text=prefix + text, finish_reason=finish, logprobs=logprobs)
+        return CompletionChoice(
+            index=choice.index, text=prefix + text, finish_reason=finish, logprobs=logprobs
+        )
 
-    results = await asyncio.gather(*(one(c, e) for c, e in zip(choices, echo)))
-    return CompletionResponse(id=request_id, model=model, choices=list(results), usage=_completion_usage(choices))
+    results = await asyncio.gather(*(one(c, e) for c, e in zip(choices, echo, strict=True)))
+    return CompletionResponse(
+        id=request_id, model=model, choices=list(results), usage=_completion_usage(choices)
+    )
 
 
 def _completion_usage(choices: list[Choice]) -> Usage:
     # Each prompt counts once, however many choices it has.
-    prompts = {id(c.generation.request.prompt_token_ids): c.generation.num_prompt_tokens for c in choices}
+    prompts = {
+        id(c.generation.request.prompt_token_ids): c.generation.num_prompt_tokens for c in choices
+    }
     prompt = sum(prompts.values())
     completion = sum(c.generation.num_completion_tokens for c in choices)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 async def collect(events: AsyncIterator[TextEvent]) -> tuple[str, Any]:

@@ -7,9 +7,9 @@ import asyncio
 import json
 import logging
 import uuid
-from dataclasses import asdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -130,7 +130,11 @@ class ChatTurn:
     """One chat request in flight; on a session it commits the turn on a clean finish and only then."""
 
     def __init__(
-        self, generation: Generation, plan: TurnPlan | None, sessions: SessionManager, parser_family: str | None
+        self,
+        generation: Generation,
+        plan: TurnPlan | None,
+        sessions: SessionManager,
+        parser_family: str | None,
     ) -> None:
         self.generation = generation
         self._plan = plan
@@ -160,10 +164,18 @@ class ChatTurn:
             parsed = get_tool_parser(self._parser_family).parse(text)
             if parsed.tool_calls:
                 calls = [
-                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments},
+                    }
                     for c in parsed.tool_calls
                 ]
-                message = {"role": "assistant", "content": parsed.content or "", "tool_calls": calls}
+                message = {
+                    "role": "assistant",
+                    "content": parsed.content or "",
+                    "tool_calls": calls,
+                }
         return await self._sessions.commit(
             plan,
             self.generation.completion_token_ids,
@@ -190,7 +202,9 @@ class ChatTurn:
 class Router:
     """Text lives here: templating, tokenization, detokenization, stop strings; the engine sees token ids."""
 
-    async def __init__(self, config: AppConfig, engine: Any, model_dir: str, tokenizer_dir: str) -> None:
+    async def __init__(
+        self, config: AppConfig, engine: Any, model_dir: str, tokenizer_dir: str
+    ) -> None:
         self._config = config
         self._engine = engine.options(stream=True)
         self._tokenizer = load_tokenizer(tokenizer_dir)
@@ -216,7 +230,9 @@ class Router:
     @api.get("/v1/models")
     async def http_models(self, request: Request) -> ModelList:
         self._keys.owner_of(request.headers.get("authorization"))
-        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self._prompts.max_model_len)])
+        return ModelList(
+            data=[ModelCard(id=self.model_name, max_model_len=self._prompts.max_model_len)]
+        )
 
     @api.post("/v1/chat/completions")
     async def http_chat(self, request: Request) -> Response:
@@ -226,10 +242,16 @@ class Router:
             body, owner, body.session_id or request.headers.get("x-session-id")
         )
         if not body.stream:
-            reply = await responses.chat_response(self.model_name, request_id, choices, session=session)
+            reply = await responses.chat_response(
+                self.model_name, request_id, choices, session=session
+            )
             return JSONResponse(reply.model_dump(exclude_none=True))
         chunks = responses.chat_chunks(
-            self.model_name, request_id, choices, include_usage=_include_usage(body), session=session
+            self.model_name,
+            request_id,
+            choices,
+            include_usage=_include_usage(body),
+            session=session,
         )
         return sse.EventStreamResponse(sse_stream(chunks))
 
@@ -256,7 +278,9 @@ class Router:
         self._keys.owner_of(request.headers.get("authorization"))
         body = parse_request(DetokenizeRequest, await read_json(request))
         self._check_model(body.model)
-        return DetokenizeResponse(prompt=self._prompts.decode(self._prompts.encode_prompt(body.tokens)))
+        return DetokenizeResponse(
+            prompt=self._prompts.decode(self._prompts.encode_prompt(body.tokens))
+        )
 
     # ---- HTTP: sessions ---------------------------------------------------------------------------------
     @api.post("/v1/sessions")
@@ -267,7 +291,9 @@ class Router:
     @api.get("/v1/sessions/{session_id}")
     async def http_get_session(self, session_id: str, request: Request) -> SessionView:
         owner = self._keys.owner_of(request.headers.get("authorization"))
-        return session_view(await self._sessions.get(owner, session_id), self._prompts.max_model_len)
+        return session_view(
+            await self._sessions.get(owner, session_id), self._prompts.max_model_len
+        )
 
     @api.delete("/v1/sessions/{session_id}")
     async def http_delete_session(self, session_id: str, request: Request) -> SessionDeleted:
@@ -279,16 +305,26 @@ class Router:
     async def chat(self, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any]:
         """Non-streaming chat completion: `await handle.chat.remote({...})`."""
         request = parse_request(ChatCompletionRequest, {**body, "stream": False})
-        request_id, choices, session = await self._start_chat(request, self._owner(api_key), request.session_id)
+        request_id, choices, session = await self._start_chat(
+            request, self._owner(api_key), request.session_id
+        )
         reply = await responses.chat_response(self.model_name, request_id, choices, session=session)
         return reply.model_dump(exclude_none=True)
 
-    async def chat_stream(self, body: dict[str, Any], api_key: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def chat_stream(
+        self, body: dict[str, Any], api_key: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         """Streaming chat completion: `handle.options(stream=True).chat_stream.remote({...})` yields chunks."""
         request = parse_request(ChatCompletionRequest, {**body, "stream": True})
-        request_id, choices, session = await self._start_chat(request, self._owner(api_key), request.session_id)
+        request_id, choices, session = await self._start_chat(
+            request, self._owner(api_key), request.session_id
+        )
         chunks = responses.chat_chunks(
-            self.model_name, request_id, choices, include_usage=_include_usage(request), session=session
+            self.model_name,
+            request_id,
+            choices,
+            include_usage=_include_usage(request),
+            session=session,
         )
         async with aclosing(chunks):
             async for chunk in chunks:
@@ -305,7 +341,9 @@ class Router:
         self._owner(api_key)
         return self._tokenize(parse_request(TokenizeRequest, body)).model_dump()
 
-    async def create_session(self, body: dict[str, Any] | None = None, api_key: str | None = None) -> dict[str, Any]:
+    async def create_session(
+        self, body: dict[str, Any] | None = None, api_key: str | None = None
+    ) -> dict[str, Any]:
         return (await self._create_session(self._owner(api_key), body or {})).model_dump()
 
     async def get_session(self, session_id: str, api_key: str | None = None) -> dict[str, Any]:
@@ -352,7 +390,9 @@ class Router:
         else:
             assert body.prompt is not None
             tokens = self._prompts.encode_prompt(body.prompt)
-        return TokenizeResponse(count=len(tokens), max_model_len=self._prompts.max_model_len, tokens=tokens)
+        return TokenizeResponse(
+            count=len(tokens), max_model_len=self._prompts.max_model_len, tokens=tokens
+        )
 
     async def _start_chat(
         self, body: ChatCompletionRequest, owner: str, session_id: str | None
@@ -367,9 +407,13 @@ class Router:
             prompt_token_ids = self._prompts.render_chat(body)
         else:
             if body.tools:
-                raise RequestError("a session's tools are set when the session is created", param="tools")
+                raise RequestError(
+                    "a session's tools are set when the session is created", param="tools"
+                )
             if body.n > 1:
-                raise RequestError("n > 1 cannot continue a session: which reply would it keep?", param="n")
+                raise RequestError(
+                    "n > 1 cannot continue a session: which reply would it keep?", param="n"
+                )
             plan = await self._sessions.begin(
                 owner,
                 session_id,
@@ -382,8 +426,14 @@ class Router:
         try:
             engine = self._engine.options(session_id=session_id) if session_id else self._engine
             generations = await self._start_generations(
-                engine, request_id, prompt_token_ids, body, body.n, skip_special_tokens=family is None,
-                max_tokens=plan.max_tokens if plan else None, session_id=session_id,
+                engine,
+                request_id,
+                prompt_token_ids,
+                body,
+                body.n,
+                skip_special_tokens=family is None,
+                max_tokens=plan.max_tokens if plan else None,
+                session_id=session_id,
                 retention=plan.retention if plan else None,
             )
         except BaseException:
@@ -415,7 +465,12 @@ class Router:
         for prompt in body.prompts():
             prompt_token_ids = self._prompts.encode_prompt(prompt)
             generations = await self._start_generations(
-                self._engine, request_id, prompt_token_ids, body, body.n, skip_special_tokens=True,
+                self._engine,
+                request_id,
+                prompt_token_ids,
+                body,
+                body.n,
+                skip_special_tokens=True,
                 first_index=len(choices),
             )
             for generation in generations:
@@ -459,7 +514,11 @@ class Router:
             )
             generations.append(
                 Generation(
-                    engine, request, self._tokenizer, stop=body.stop_strings(), skip_special_tokens=skip_special_tokens
+                    engine,
+                    request,
+                    self._tokenizer,
+                    stop=body.stop_strings(),
+                    skip_special_tokens=skip_special_tokens,
                 )
             )
         try:

@@ -67,7 +67,9 @@ class RoutingConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.virtual_nodes < 1 or self.max_prefix_entries < 1:
-            raise ValueError(f"block_size, virtual_nodes and max_prefix_entries must be >= 1: {self}")
+            raise ValueError(
+                f"block_size, virtual_nodes and max_prefix_entries must be >= 1: {self}"
+            )
         if self.load_epsilon < 0 or self.imbalance_threshold < 1:
             raise ValueError(f"load_epsilon must be >= 0 and imbalance_threshold >= 1: {self}")
 
@@ -148,7 +150,9 @@ class RoutingPolicy:
     Threading: not thread-safe; Serve calls every router hook on the router's one event loop.
     """
 
-    def __init__(self, config: RoutingConfig | None = None, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: RoutingConfig | None = None, *, rng: random.Random | None = None
+    ) -> None:
         self.config = config or RoutingConfig()
         self._rng = rng or random.Random()
         self._ring = HashRing((), self.config.virtual_nodes)
@@ -228,7 +232,9 @@ class RoutingPolicy:
         # ceil((1 + epsilon) * average); the least loaded replica always fits, so the walk ends.
         total = sum(r.num_ongoing_requests for r in replicas) + 1
         capacity = math.ceil((1 + self.config.load_epsilon) * total / len(replicas))
-        fits = [i for i in order if by_id[i].num_ongoing_requests < capacity and not by_id[i].is_full]
+        fits = [
+            i for i in order if by_id[i].num_ongoing_requests < capacity and not by_id[i].is_full
+        ]
         fitting = set(fits)
         rest = [i for i in order if i not in fitting]  # last resort when our load view is stale
         return [[replica_id] for replica_id in fits + rest]
@@ -280,7 +286,9 @@ class SessionAffinityRouter(RequestRouter):
         self._policy = RoutingPolicy(RoutingConfig(**kwargs))
 
     async def choose_replicas(
-        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
@@ -292,12 +300,17 @@ class SessionAffinityRouter(RequestRouter):
             self._ranked_futures.add(pending_request.future)
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
         loads = [
-            ReplicaLoad(unique_id, self._num_ongoing_requests(replica), replica.max_ongoing_requests)
+            ReplicaLoad(
+                unique_id, self._num_ongoing_requests(replica), replica.max_ongoing_requests
+            )
             for unique_id, replica in by_id.items()
         ]
         session_id, prompt_token_ids = _request_keys(pending_request)
         ranks = self._policy.rank(
-            loads, session_id=session_id, prompt_token_ids=prompt_token_ids, is_first_pass=is_first_pass
+            loads,
+            session_id=session_id,
+            prompt_token_ids=prompt_token_ids,
+            is_first_pass=is_first_pass,
         )
         return [[by_id[unique_id] for unique_id in rank] for rank in ranks]
 
@@ -307,7 +320,9 @@ class SessionAffinityRouter(RequestRouter):
         """Serve indexes pending requests by internal request id, once per id; but the engine calls of one HTTP
         request (n > 1 choices) share their parent's id, so only the first sibling is indexed and the others
         would wait forever. Hand the replica to the oldest unfulfilled sibling instead (Ray 2.60 internals)."""
-        if request_metadata is None or self._get_pending_request_matching_internal_request_id(request_metadata):
+        if request_metadata is None or self._get_pending_request_matching_internal_request_id(
+            request_metadata
+        ):
             super()._fulfill_next_pending_request(replica, request_metadata)
             return
         for pending in self._pending_requests_to_fulfill:
@@ -358,10 +373,14 @@ def engine_request_router_config(
 ) -> RequestRouterConfig:
     """`request_router_config` for the Engine deployment; the kwargs are validated here, once, rather than
     in every proxy and handle that builds the router."""
-    config = RoutingConfig(block_size, virtual_nodes, load_epsilon, imbalance_threshold, max_prefix_entries)
+    config = RoutingConfig(
+        block_size, virtual_nodes, load_epsilon, imbalance_threshold, max_prefix_entries
+    )
     options: dict[str, Any] = {
         "request_router_class": f"{__name__}:{SessionAffinityRouter.__name__}",
-        "request_router_kwargs": {name: getattr(config, name) for name in RoutingConfig.__dataclass_fields__},
+        "request_router_kwargs": {
+            name: getattr(config, name) for name in RoutingConfig.__dataclass_fields__
+        },
         "request_routing_stats_period_s": request_routing_stats_period_s,
     }
     return RequestRouterConfig(**options)

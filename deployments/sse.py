@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
-
 import logging
+from typing import Any
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse

@@ -26,7 +26,9 @@ class ChatTemplate:
 
     def __init__(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; serve /v1/completions only or add one")
+            raise ValueError(
+                "the tokenizer has no chat template; serve /v1/completions only or add one"
+            )
         self._tokenizer = tokenizer
 
     def render(
@@ -36,7 +38,9 @@ class ChatTemplate:
         tools: Sequence[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
     ) -> list[int]:
-        return self.encode(self.render_text(messages, tools=tools, add_generation_prompt=add_generation_prompt))
+        return self.encode(
+            self.render_text(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        )
 
     def render_text(
         self,
@@ -53,7 +57,9 @@ class ChatTemplate:
                 tokenize=False,
             )
         except (TemplateError, ValueError, TypeError) as error:
-            raise RequestError(f"the chat template rejected the messages: {error}", param="messages") from error
+            raise RequestError(
+                f"the chat template rejected the messages: {error}", param="messages"
+            ) from error
         return str(text)
 
     def encode(self, rendered: str) -> list[int]:

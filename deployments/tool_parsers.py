@@ -87,7 +87,9 @@ class _Region:
     """The outcome of one piece of tool-call markup at the head of the buffer."""
 
     end: int  # characters of the buffer it covers
-    calls: list[tuple[str, str]] | None  # (name, arguments); None: malformed, buffer[:end] is content
+    calls: (
+        list[tuple[str, str]] | None
+    )  # (name, arguments); None: malformed, buffer[:end] is content
 
 
 class _JsonScanner:
@@ -128,7 +130,9 @@ class _JsonScanner:
 
 
 def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN/Infinity, which json.dumps can't undo
+    raise ValueError(
+        f"{name} is not JSON"
+    )  # json.loads accepts NaN/Infinity, which json.dumps can't undo
 
 
 def _loads(text: str) -> object:
@@ -190,7 +194,9 @@ class _MarkupParser:
     def _reset(self) -> None:
         self._buffer = ""
         self._is_in_region = False
-        self._region_whitespace = ""  # whitespace before the open region: content again if it is malformed
+        self._region_whitespace = (
+            ""  # whitespace before the open region: content again if it is malformed
+        )
         self._is_at_start = True  # nothing but whitespace seen yet
         self._is_after_call = False  # only whitespace since the last valid call
         self._num_calls = 0
@@ -234,7 +240,9 @@ class _MarkupParser:
                 if region is None:
                     if not is_final:
                         return events
-                    region = _Region(len(self._buffer), None)  # unterminated at the end of generation
+                    region = _Region(
+                        len(self._buffer), None
+                    )  # unterminated at the end of generation
                 self._close_region(region, events)
                 continue
             start = self._find_marker()
@@ -290,7 +298,9 @@ class _MarkupParser:
         for name, arguments in region.calls:
             index = self._num_calls
             self._num_calls += 1
-            events.append(StreamEvent(tool_call_index=index, tool_call_id=self._make_id(), name=name))
+            events.append(
+                StreamEvent(tool_call_index=index, tool_call_id=self._make_id(), name=name)
+            )
             events.append(StreamEvent(tool_call_index=index, arguments_delta=arguments))
         self._is_at_start = False
         self._is_after_call = True
@@ -333,7 +343,9 @@ class HermesToolParser(_MarkupParser):
         is_closed = _starts_with(buffer, close, self._CLOSE)
         if is_closed:
             return _Region(close + len(self._CLOSE), [call])
-        if is_closed is None:  # the close tag is still arriving, or was cut off by the end of generation
+        if (
+            is_closed is None
+        ):  # the close tag is still arriving, or was cut off by the end of generation
             return _Region(len(buffer), [call]) if is_final else None
         return _Region(end, None)
 
@@ -434,7 +446,9 @@ def get_tool_parser(family: str, *, make_id: Callable[[], str] | None = None) ->
         ValueError: `family` is not one of `FAMILIES`.
     """
     if family not in _PARSERS:
-        raise ValueError(f"unknown tool parser family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise ValueError(
+            f"unknown tool parser family {family!r}; choose one of {', '.join(FAMILIES)}"
+        )
     return _PARSERS[family](make_id)
 
 

@@ -17,7 +17,9 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = Path(os.environ.get("SHEPHERD_TEST_CACHE_DIR") or tmp_path_factory.mktemp("shepherd-cache"))
+    cache = Path(
+        os.environ.get("SHEPHERD_TEST_CACHE_DIR") or tmp_path_factory.mktemp("shepherd-cache")
+    )
     return ensure_embedded_model(cache)
 
 

@@ -11,7 +11,6 @@ from deployments.errors import EngineDead, EngineError
 from deployments.messages import (
     EngineCapabilities,
     ExecutorStats,
-    FinishReason,
     GenerateRequest,
     TokenDelta,
 )
@@ -227,4 +226,3 @@ class Executor(abc.ABC):
     @property
     def is_dead(self) -> bool:
         return self._dead_reason is not None
-

@@ -84,9 +84,12 @@ class TransformersExecutor(Executor):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-            cfg.dtype
-        ]
+        dtype = {
+            "auto": "auto",
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[cfg.dtype]
         model = AutoModelForCausalLM.from_pretrained(
             self._model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation
         )

@@ -96,7 +96,11 @@ class SessionManager:
         state = await self._store.load(session_id)
         # Another key's session is indistinguishable from a missing one.
         if state is None or state.owner != owner:
-            raise NotFoundError(f"session {session_id!r} does not exist", param="session_id", code="session_not_found")
+            raise NotFoundError(
+                f"session {session_id!r} does not exist",
+                param="session_id",
+                code="session_not_found",
+            )
         return state
 
     async def delete(self, owner: str, session_id: str) -> None:
@@ -116,14 +120,20 @@ class SessionManager:
         """Takes the session's turn lease (409 if another turn runs) and builds the prompt."""
         state = await self.get(owner, session_id)
         if any(m["role"] == "system" for m in new_messages):
-            raise RequestError("a session's system prompt is set when the session is created", param="messages")
+            raise RequestError(
+                "a session's system prompt is set when the session is created", param="messages"
+            )
         token = await self._store.acquire_turn(session_id, ttl_s=self._turn_timeout_s)
         if token is None:
             raise ConflictError(
-                f"session {session_id!r} is already generating a reply", param="session_id", code="session_busy"
+                f"session {session_id!r} is already generating a reply",
+                param="session_id",
+                code="session_busy",
             )
         try:
-            return self._plan(state, token, list(new_messages), requested_max_tokens, default_max_tokens)
+            return self._plan(
+                state, token, list(new_messages), requested_max_tokens, default_max_tokens
+            )
         except BaseException:
             await self._store.release_turn(session_id, token)
             raise
@@ -186,7 +196,9 @@ class SessionManager:
         return [{"role": "system", "content": state.system_prompt}] if state.system_prompt else []
 
     def _render(self, state: SessionState, messages: list[dict[str, Any]]) -> str:
-        return self._template.render_text([*self._system_messages(state), *messages], tools=state.tools)
+        return self._template.render_text(
+            [*self._system_messages(state), *messages], tools=state.tools
+        )
 
     def _plan(
         self,
@@ -207,8 +219,10 @@ class SessionManager:
         if len(prompt_ids) + max_tokens > self._max_model_len:
             plan = plan_eviction(
                 [*history, *new_messages],
-                lambda kept: len(self._template.encode(self._render(state, kept))) + max_tokens
-                <= self._max_model_len,
+                lambda kept: (
+                    len(self._template.encode(self._render(state, kept))) + max_tokens
+                    <= self._max_model_len
+                ),
             )
             kept_history = [m for m in plan.kept if not any(m is n for n in new_messages)]
             evicted = plan.evicted
@@ -259,7 +273,9 @@ class SessionManager:
         if not state.system_prompt:
             return None
         system_ids = self._template.encode(
-            self._template.render_text(self._system_messages(state), tools=state.tools, add_generation_prompt=False)
+            self._template.render_text(
+                self._system_messages(state), tools=state.tools, add_generation_prompt=False
+            )
         )
         if system_ids and prompt_ids[: len(system_ids)] == system_ids:
             return RetentionRange(start=0, end=len(system_ids), priority=100)

@@ -151,7 +151,9 @@ class SQLiteSessionStore:
         self.path = path
         self.idle_ttl_s = idle_ttl_s
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-session-store")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sqlite-session-store"
+        )
         self._conn: sqlite3.Connection | None = None  # worker thread only
         self._is_closed = False
 
@@ -160,7 +162,9 @@ class SQLiteSessionStore:
             raise RuntimeError("SQLiteSessionStore is closed")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+            return await loop.run_in_executor(
+                self._executor, functools.partial(fn, *args, **kwargs)
+            )
         except sqlite3.OperationalError as e:
             # busy_timeout elapsed while other replicas held the write lock.
             if "locked" in str(e) or "busy" in str(e):
@@ -186,10 +190,14 @@ class SQLiteSessionStore:
     async def create(self, state: SessionState, *, max_sessions_per_owner: int | None) -> None:
         now = time.time()
         data = _stamped(state, version=1, updated_at=now)
-        await self._call(self._create, state.session_id, state.owner, data, now, max_sessions_per_owner)
+        await self._call(
+            self._create, state.session_id, state.owner, data, now, max_sessions_per_owner
+        )
         state.version, state.updated_at = 1, now
 
-    def _create(self, session_id: str, owner: str, data: str, now: float, max_sessions: int | None) -> None:
+    def _create(
+        self, session_id: str, owner: str, data: str, now: float, max_sessions: int | None
+    ) -> None:
         conn = self._connection()
         cutoff = _cutoff(self.idle_ttl_s, now)
         with _immediate(conn):
@@ -200,7 +208,8 @@ class SQLiteSessionStore:
                 raise ConflictError(f"session {session_id} already exists", code="session_exists")
             if max_sessions is not None:
                 (num_live,) = conn.execute(
-                    "SELECT COUNT(*) FROM sessions WHERE owner = ? AND updated_at >= ?", (owner, cutoff)
+                    "SELECT COUNT(*) FROM sessions WHERE owner = ? AND updated_at >= ?",
+                    (owner, cutoff),
                 ).fetchone()
                 if num_live >= max_sessions:
                     raise TooManySessions(
@@ -230,7 +239,8 @@ class SQLiteSessionStore:
             # Re-check inside the delete: another replica may have saved it since the read.
             with _immediate(conn):
                 conn.execute(
-                    "DELETE FROM sessions WHERE session_id = ? AND updated_at < ?", (session_id, cutoff)
+                    "DELETE FROM sessions WHERE session_id = ? AND updated_at < ?",
+                    (session_id, cutoff),
                 )
             return None
         state = SessionState.from_json(data)
@@ -309,7 +319,9 @@ class SQLiteSessionStore:
         conn = self._connection()
         now = time.time()
         with _immediate(conn):
-            row = conn.execute("SELECT expires_at FROM leases WHERE session_id = ?", (session_id,)).fetchone()
+            row = conn.execute(
+                "SELECT expires_at FROM leases WHERE session_id = ?", (session_id,)
+            ).fetchone()
             if row is not None and row[0] > now:
                 return None
             token = _new_token()
@@ -410,7 +422,9 @@ class RedisSessionStore:
     session key and an owner key together, so this targets one Redis server, not Redis Cluster.
     """
 
-    def __init__(self, url: str, *, idle_ttl_s: float | None, key_prefix: str = "shepherd:") -> None:
+    def __init__(
+        self, url: str, *, idle_ttl_s: float | None, key_prefix: str = "shepherd:"
+    ) -> None:
         from redis.asyncio import Redis
 
         self.idle_ttl_s = idle_ttl_s
@@ -518,7 +532,9 @@ class RedisSessionStore:
             return 0
         cutoff = f"({time.time() - self.idle_ttl_s!r}"
         num_purged = 0
-        async for key in self._redis.scan_iter(match=_glob_escape(self.key_prefix) + "owner:*", count=500):
+        async for key in self._redis.scan_iter(
+            match=_glob_escape(self.key_prefix) + "owner:*", count=500
+        ):
             num_purged += int(await self._redis.zremrangebyscore(key, "-inf", cutoff))
         return num_purged
 
@@ -630,10 +646,14 @@ class SessionStoreConfig(BaseModel):
         default=None, description="A redis:// or rediss:// URL; required when kind is `redis`."
     )
     idle_ttl_s: float | None = Field(
-        default=86400.0, gt=0, description="Seconds without a save before a session expires; None: never."
+        default=86400.0,
+        gt=0,
+        description="Seconds without a save before a session expires; None: never.",
     )
     cache_entries: int = Field(
-        default=1024, ge=0, description="Sessions kept in each router replica's LRU cache; 0 disables it."
+        default=1024,
+        ge=0,
+        description="Sessions kept in each router replica's LRU cache; 0 disables it.",
     )
 
     @model_validator(mode="after")

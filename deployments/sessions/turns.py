@@ -60,7 +60,9 @@ def tool_pairs(messages: Sequence[Message], start: int) -> list[range]:
     return pairs
 
 
-def plan_eviction(messages: Sequence[Message], fits: Callable[[list[Message]], bool]) -> EvictionPlan:
+def plan_eviction(
+    messages: Sequence[Message], fits: Callable[[list[Message]], bool]
+) -> EvictionPlan:
     """Evict the fewest candidates (in policy order) for `fits(kept)` to hold."""
     kept = list(messages)
     if fits(kept):
@@ -72,5 +74,9 @@ def plan_eviction(messages: Sequence[Message], fits: Callable[[list[Message]], b
         removed.update(span)
         kept = [m for i, m in enumerate(messages) if i not in removed]
         if fits(kept):
-            return EvictionPlan(kept=kept, evicted=[m for i, m in enumerate(messages) if i in removed], fits=True)
-    return EvictionPlan(kept=kept, evicted=[m for i, m in enumerate(messages) if i in removed], fits=False)
+            return EvictionPlan(
+                kept=kept, evicted=[m for i, m in enumerate(messages) if i in removed], fits=True
+            )
+    return EvictionPlan(
+        kept=kept, evicted=[m for i, m in enumerate(messages) if i in removed], fits=False
+    )

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,7 +51,11 @@ def _gcs_address(session_id: int) -> str:
     for process in psutil.process_iter(["cmdline"]):
         try:
             cmdline = process.info["cmdline"] or []
-            if not cmdline or not cmdline[0].endswith("gcs_server") or os.getsid(process.pid) != session_id:
+            if (
+                not cmdline
+                or not cmdline[0].endswith("gcs_server")
+                or os.getsid(process.pid) != session_id
+            ):
                 continue
         except (ProcessLookupError, psutil.Error):
             continue
@@ -92,7 +96,9 @@ def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                pytest.fail(f"serve run exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+                pytest.fail(
+                    f"serve run exited with {process.returncode}:\n{log_path.read_text()[-4000:]}"
+                )
             try:
                 if httpx.get(f"{BASE_URL}/v1/models", headers=AUTH, timeout=2).status_code == 200:
                     break

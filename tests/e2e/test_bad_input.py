@@ -16,13 +16,38 @@ CASES = [
     ("missing messages", {"model": MODEL}, 400, "messages"),
     ("empty messages", {"model": MODEL, "messages": []}, 400, "messages"),
     ("unknown model", {"model": "gpt-9", "messages": OK_MESSAGES}, 404, "model"),
-    ("max_tokens zero", {"model": MODEL, "messages": OK_MESSAGES, "max_tokens": 0}, 400, "max_tokens"),
-    ("max_tokens negative", {"model": MODEL, "messages": OK_MESSAGES, "max_tokens": -5}, 400, "max_tokens"),
-    ("temperature negative", {"model": MODEL, "messages": OK_MESSAGES, "temperature": -0.1}, 400, "temperature"),
+    (
+        "max_tokens zero",
+        {"model": MODEL, "messages": OK_MESSAGES, "max_tokens": 0},
+        400,
+        "max_tokens",
+    ),
+    (
+        "max_tokens negative",
+        {"model": MODEL, "messages": OK_MESSAGES, "max_tokens": -5},
+        400,
+        "max_tokens",
+    ),
+    (
+        "temperature negative",
+        {"model": MODEL, "messages": OK_MESSAGES, "temperature": -0.1},
+        400,
+        "temperature",
+    ),
     ("top_p zero", {"model": MODEL, "messages": OK_MESSAGES, "top_p": 0}, 400, "top_p"),
     ("top_p above one", {"model": MODEL, "messages": OK_MESSAGES, "top_p": 1.5}, 400, "top_p"),
-    ("bad role", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role"),
-    ("max_tokens over window", {"model": MODEL, "messages": OK_MESSAGES, "max_tokens": 5000}, 400, "max_tokens"),
+    (
+        "bad role",
+        {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+        400,
+        "messages.0.role",
+    ),
+    (
+        "max_tokens over window",
+        {"model": MODEL, "messages": OK_MESSAGES, "max_tokens": 5000},
+        400,
+        "max_tokens",
+    ),
     ("seed unsupported", {"model": MODEL, "messages": OK_MESSAGES, "seed": 7}, 400, "seed"),
 ]
 
@@ -32,7 +57,9 @@ CASES = [
 def test_bad_chat_request_is_refused_naming_the_field(
     base_url: str, name: str, body: dict[str, Any], status: int, param: str, stream: bool
 ) -> None:
-    response = httpx.post(f"{base_url}/v1/chat/completions", json={**body, "stream": stream}, timeout=30, headers=AUTH)
+    response = httpx.post(
+        f"{base_url}/v1/chat/completions", json={**body, "stream": stream}, timeout=30, headers=AUTH
+    )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param
@@ -41,7 +68,9 @@ def test_bad_chat_request_is_refused_naming_the_field(
 
 def test_invalid_json_is_a_400(base_url: str) -> None:
     response = httpx.post(
-        f"{base_url}/v1/chat/completions", content=b"{not json", headers={**AUTH, "content-type": "application/json"}
+        f"{base_url}/v1/chat/completions",
+        content=b"{not json",
+        headers={**AUTH, "content-type": "application/json"},
     )
     assert response.status_code == 400
     assert "JSON" in response.json()["error"]["message"]

@@ -16,7 +16,9 @@ from tests.e2e.conftest import API_KEY, AUTH, MODEL, REPO, ServeApp
 pytestmark = pytest.mark.e2e
 
 
-def test_disconnect_mid_stream_cancels_the_engine_request(base_url: str, engine_handle: Any) -> None:
+def test_disconnect_mid_stream_cancels_the_engine_request(
+    base_url: str, engine_handle: Any
+) -> None:
     before = engine_handle.stats.remote().result()
     body = {
         "model": MODEL,
@@ -25,7 +27,9 @@ def test_disconnect_mid_stream_cancels_the_engine_request(base_url: str, engine_
         "ignore_eos": True,
         "stream": True,
     }
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as response:
+    with httpx.stream(
+        "POST", f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60
+    ) as response:
         lines = response.iter_lines()
         for _ in range(6):
             next(lines)
@@ -33,7 +37,10 @@ def test_disconnect_mid_stream_cancels_the_engine_request(base_url: str, engine_
     deadline = time.monotonic() + 20
     while True:
         stats = engine_handle.stats.remote().result()
-        if stats.num_cancelled_requests > before.num_cancelled_requests and stats.num_active_requests == 0:
+        if (
+            stats.num_cancelled_requests > before.num_cancelled_requests
+            and stats.num_active_requests == 0
+        ):
             break
         assert time.monotonic() < deadline, f"engine request was not cancelled: {stats}"
         time.sleep(0.2)
@@ -43,18 +50,23 @@ def test_disconnect_mid_stream_cancels_the_engine_request(base_url: str, engine_
 HANDLE_SCRIPT = """
 import json, sys, ray
 from ray import serve
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+address, model, api_key = sys.argv[1:4]
+ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 handle = serve.get_app_handle("shepherd")
-body = {"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 0}
-chunks = list(handle.options(stream=True).chat_stream.remote(body, api_key="%s"))
-whole = handle.chat.remote(body, api_key="%s").result()
+body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 0}
+chunks = list(handle.options(stream=True).chat_stream.remote(body, api_key=api_key))
+whole = handle.chat.remote(body, api_key=api_key).result()
 print(json.dumps({"chunks": chunks, "whole": whole}))
-""" % (MODEL, API_KEY, API_KEY)
+"""
 
 
 def test_handle_from_another_ray_job_streams_chat_chunks(serve_app: ServeApp, client: Any) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", HANDLE_SCRIPT, serve_app.ray_address], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", HANDLE_SCRIPT, serve_app.ray_address, MODEL, API_KEY],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(result.stdout.strip().splitlines()[-1])

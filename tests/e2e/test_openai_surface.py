@@ -18,7 +18,11 @@ WEATHER = {
     "function": {
         "name": "get_weather",
         "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
     },
 }
 
@@ -30,16 +34,25 @@ def tokenize(base_url: str, **body: Any) -> list[int]:
     return tokens
 
 
-def test_tools_are_rendered_through_the_chat_template(base_url: str, client: Any, tokenizer: Any) -> None:
+def test_tools_are_rendered_through_the_chat_template(
+    base_url: str, client: Any, tokenizer: Any
+) -> None:
     with_tools = tokenize(base_url, messages=HI, tools=[WEATHER])
     without = tokenize(base_url, messages=HI)
     assert '"name": "get_weather"' in tokenizer.decode(with_tools)
     assert len(with_tools) > len(without)
     reply = client.chat.completions.create(
-        model=MODEL, messages=HI, tools=[WEATHER], tool_choice="auto", parallel_tool_calls=True, max_tokens=4
+        model=MODEL,
+        messages=HI,
+        tools=[WEATHER],
+        tool_choice="auto",
+        parallel_tool_calls=True,
+        max_tokens=4,
     )
     assert reply.usage.prompt_tokens == len(with_tools)
-    none = client.chat.completions.create(model=MODEL, messages=HI, tools=[WEATHER], tool_choice="none", max_tokens=4)
+    none = client.chat.completions.create(
+        model=MODEL, messages=HI, tools=[WEATHER], tool_choice="none", max_tokens=4
+    )
     assert none.usage.prompt_tokens == len(without)
 
 
@@ -47,11 +60,17 @@ def test_tool_messages_round_trip_in_a_session(base_url: str, client: Any, token
     session = httpx.post(f"{base_url}/v1/sessions", json={"tools": [WEATHER]}, headers=AUTH).json()
     sid = session["id"]
     client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "weather in Oslo?"}], max_tokens=3,
+        model=MODEL,
+        messages=[{"role": "user", "content": "weather in Oslo?"}],
+        max_tokens=3,
         extra_body={"session_id": sid},
     )
     # The client ran the tool itself: it sends the call it made and the result as the next turn.
-    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
     client.chat.completions.create(
         model=MODEL,
         messages=[
@@ -70,23 +89,39 @@ def test_tool_messages_round_trip_in_a_session(base_url: str, client: Any, token
 
 
 def test_n_returns_independent_choices(client: Any) -> None:
-    reply = client.chat.completions.create(model=MODEL, messages=HI, n=3, max_tokens=5, temperature=1.0)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=HI, n=3, max_tokens=5, temperature=1.0
+    )
     assert sorted(c.index for c in reply.choices) == [0, 1, 2]
-    assert reply.usage.completion_tokens == sum(1 for _ in range(3)) * 5 or reply.usage.completion_tokens <= 15
-    chunks = list(client.chat.completions.create(model=MODEL, messages=HI, n=2, max_tokens=5, stream=True))
+    assert (
+        reply.usage.completion_tokens == sum(1 for _ in range(3)) * 5
+        or reply.usage.completion_tokens <= 15
+    )
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=HI, n=2, max_tokens=5, stream=True)
+    )
     finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
     assert finished == {0, 1}
 
 
 def test_logprobs_cover_every_completion_token(client: Any) -> None:
-    reply = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=6, logprobs=True, temperature=1.0)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=6, logprobs=True, temperature=1.0
+    )
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens
     assert all(entry.logprob <= 0.0 for entry in content)
     chunks = list(
-        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=6, logprobs=True, stream=True)
+        client.chat.completions.create(
+            model=MODEL, messages=HI, max_tokens=6, logprobs=True, stream=True
+        )
     )
-    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    streamed = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
     assert len(streamed) == 6
     completion = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, logprobs=0)
     assert len(completion.choices[0].logprobs.token_logprobs) == 4
@@ -109,21 +144,32 @@ def test_user_metadata_and_store_are_accepted(client: Any) -> None:
 
 
 def test_completions_batch_of_prompts_and_of_token_id_lists(client: Any, tokenizer: Any) -> None:
-    texts = client.completions.create(model=MODEL, prompt=["Hello", "Goodbye"], max_tokens=4, temperature=0)
+    texts = client.completions.create(
+        model=MODEL, prompt=["Hello", "Goodbye"], max_tokens=4, temperature=0
+    )
     assert [c.index for c in texts.choices] == [0, 1]
     ids = client.completions.create(
-        model=MODEL, prompt=[tokenizer.encode("Hello"), tokenizer.encode("Goodbye")], max_tokens=4, temperature=0
+        model=MODEL,
+        prompt=[tokenizer.encode("Hello"), tokenizer.encode("Goodbye")],
+        max_tokens=4,
+        temperature=0,
     )
     assert [c.text for c in ids.choices] == [c.text for c in texts.choices]
-    assert texts.usage.prompt_tokens == len(tokenizer.encode("Hello")) + len(tokenizer.encode("Goodbye"))
+    assert texts.usage.prompt_tokens == len(tokenizer.encode("Hello")) + len(
+        tokenizer.encode("Goodbye")
+    )
 
 
 def test_tokenize_and_detokenize_round_trip(base_url: str, tokenizer: Any) -> None:
     tokens = tokenize(base_url, prompt="café 東京")
     assert tokens == tokenizer.encode("café 東京")
-    response = httpx.post(f"{base_url}/detokenize", json={"model": MODEL, "tokens": tokens}, headers=AUTH)
+    response = httpx.post(
+        f"{base_url}/detokenize", json={"model": MODEL, "tokens": tokens}, headers=AUTH
+    )
     assert response.json() == {"prompt": "café 東京"}
-    body = httpx.post(f"{base_url}/tokenize", json={"model": MODEL, "prompt": "x"}, headers=AUTH).json()
+    body = httpx.post(
+        f"{base_url}/tokenize", json={"model": MODEL, "prompt": "x"}, headers=AUTH
+    ).json()
     assert body["max_model_len"] == 2048 and body["count"] == len(body["tokens"])
 
 
@@ -139,12 +185,17 @@ REJECTIONS = [
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"n": 100}, "n"),
     ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    (
+        {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        "tool_choice",
+    ),
     ({"tool_choice": "auto"}, "tool_choice"),
 ]
 
 
-@pytest.mark.parametrize(("extra", "param"), REJECTIONS, ids=[r[1] + str(i) for i, r in enumerate(REJECTIONS)])
+@pytest.mark.parametrize(
+    ("extra", "param"), REJECTIONS, ids=[r[1] + str(i) for i, r in enumerate(REJECTIONS)]
+)
 def test_unsupported_or_invalid_parameters_are_refused_naming_them(
     base_url: str, extra: dict[str, Any], param: str
 ) -> None:

@@ -81,7 +81,11 @@ def main() -> None:
     from ray import serve
 
     ray.init(
-        address="local", num_cpus=4, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
     )
     try:
         serve.start(proxy_location="Disabled")
@@ -101,7 +105,12 @@ def main() -> None:
 
 
 def test_each_session_stays_on_its_ring_owner_and_both_replicas_serve() -> None:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.e2e.test_routing_e2e"],
         cwd=REPO,
@@ -127,7 +136,10 @@ def test_each_session_stays_on_its_ring_owner_and_both_replicas_serve() -> None:
     assert len(replica_ids) == 2, sessions
     # The owner is exactly the ring owner any router process computes from the two replica ids.
     policy = RoutingPolicy(RoutingConfig(**ROUTER_KWARGS))
-    assert all(policy.session_order(replica_ids, sid)[0] == replicas[0] for sid, replicas in sessions.items())
+    assert all(
+        policy.session_order(replica_ids, sid)[0] == replicas[0]
+        for sid, replicas in sessions.items()
+    )
     assert len(set(result["shared"])) == 1, result["shared"]
 
 

@@ -124,18 +124,24 @@ def test_concurrent_turn_is_409_and_a_disconnected_turn_leaves_history_unchanged
         "stream": True,
         "session_id": session_id,
     }
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as response:
+    with httpx.stream(
+        "POST", f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60
+    ) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         next(lines)
-        second = httpx.post(f"{base_url}/v1/chat/completions", json={**body, "stream": False}, headers=AUTH)
+        second = httpx.post(
+            f"{base_url}/v1/chat/completions", json={**body, "stream": False}, headers=AUTH
+        )
         assert second.status_code == 409
         assert second.json()["error"]["param"] == "session_id"
     # Disconnected mid-turn: once the engine request is cancelled the session is free again, history intact.
     deadline = time.monotonic() + 20
     while True:
         reply = httpx.post(
-            f"{base_url}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2}, headers=AUTH
+            f"{base_url}/v1/chat/completions",
+            json={**body, "stream": False, "max_tokens": 2},
+            headers=AUTH,
         )
         if reply.status_code == 200:
             break
@@ -147,18 +153,29 @@ def test_concurrent_turn_is_409_and_a_disconnected_turn_leaves_history_unchanged
     assert after["num_turns"] == before["num_turns"] + 1
 
 
-def test_sessions_are_invisible_to_other_keys_and_keys_are_required(base_url: str, client: Any) -> None:
+def test_sessions_are_invisible_to_other_keys_and_keys_are_required(
+    base_url: str, client: Any
+) -> None:
     session_id = create_session(base_url)
     assert get_session(base_url, session_id, OTHER_AUTH).status_code == 404
     other_turn = httpx.post(
         f"{base_url}/v1/chat/completions",
-        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "session_id": session_id},
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "session_id": session_id,
+        },
         headers=OTHER_AUTH,
     )
     assert other_turn.status_code == 404
-    assert httpx.delete(f"{base_url}/v1/sessions/{session_id}", headers=OTHER_AUTH).status_code == 404
+    assert (
+        httpx.delete(f"{base_url}/v1/sessions/{session_id}", headers=OTHER_AUTH).status_code == 404
+    )
     assert httpx.get(f"{base_url}/v1/sessions/{session_id}").status_code == 401
-    assert httpx.get(f"{base_url}/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        httpx.get(f"{base_url}/v1/models", headers={"authorization": "Bearer wrong"}).status_code
+        == 401
+    )
     assert get_session(base_url, "sess_does_not_exist").status_code == 404
     deleted = httpx.delete(f"{base_url}/v1/sessions/{session_id}", headers=AUTH)
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
@@ -172,7 +189,12 @@ def test_session_operations_through_python_handles(ray_driver: None) -> None:
 
     handle = serve.get_app_handle("shepherd")
     session = handle.create_session.remote({"system_prompt": "Hi."}, api_key=API_KEY).result()
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "q"}], "max_tokens": 4, "session_id": session["id"]}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "q"}],
+        "max_tokens": 4,
+        "session_id": session["id"],
+    }
     chunks = list(handle.options(stream=True).chat_stream.remote(body, api_key=API_KEY))
     assert chunks[-1]["session"]["num_turns"] == 1
     view = handle.get_session.remote(session["id"], api_key=API_KEY).result()
@@ -198,5 +220,3 @@ def test_zz_a_session_survives_an_app_restart(base_url: str, client: Any, ray_dr
     assert after["messages"] == before["messages"] and after["num_tokens"] == before["num_tokens"]
     say(client, session_id, "after the restart")
     assert get_session(base_url, session_id).json()["num_turns"] == before["num_turns"] + 1
-
-

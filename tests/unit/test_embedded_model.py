@@ -26,7 +26,10 @@ def test_other_seed_gives_other_corpus() -> None:
 def test_chat_template_renders_system_prompt_and_tools(tokenizer: Any) -> None:
     tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
     ids = ChatTemplate(tokenizer).render(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What time is it?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What time is it?"},
+        ],
         tools=[tool],
     )
     text = tokenizer.decode(ids)
@@ -41,7 +44,9 @@ def test_chat_template_renders_tool_calls_and_results(tokenizer: Any) -> None:
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": '{"city": "Oslo"}'}}],
+            "tool_calls": [
+                {"type": "function", "function": {"name": "w", "arguments": '{"city": "Oslo"}'}}
+            ],
         },
         {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
     ]

@@ -34,12 +34,16 @@ def prompt_ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def reference_tokens(model: Any, ids: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None
+    )
     return list(out[0, len(ids) :].tolist())
 
 
 async def _executor(model_dir: Path) -> TransformersExecutor:
-    executor = TransformersExecutor(model_dir, TransformersEngineConfig(device="cpu", num_blocks=64))
+    executor = TransformersExecutor(
+        model_dir, TransformersEngineConfig(device="cpu", num_blocks=64)
+    )
     await executor.start()
     return executor
 
@@ -53,7 +57,9 @@ async def collect(stream: AsyncIterator[Any]) -> tuple[list[int], FinishReason |
     return token_ids, finish
 
 
-def test_concurrent_greedy_output_equals_generate(model_dir: Path, tokenizer: Any, reference_model: Any) -> None:
+def test_concurrent_greedy_output_equals_generate(
+    model_dir: Path, tokenizer: Any, reference_model: Any
+) -> None:
     prompts = [prompt_ids(tokenizer, text) for text in PROMPTS]
     expected = [reference_tokens(reference_model, ids, 24) for ids in prompts]
 
@@ -61,7 +67,9 @@ def test_concurrent_greedy_output_equals_generate(model_dir: Path, tokenizer: An
         executor = await _executor(model_dir)
         try:
             requests = [
-                GenerateRequest(request_id=f"r{i}", prompt_token_ids=ids, max_tokens=24, sampling=GREEDY)
+                GenerateRequest(
+                    request_id=f"r{i}", prompt_token_ids=ids, max_tokens=24, sampling=GREEDY
+                )
                 for i, ids in enumerate(prompts)
             ]
             return await asyncio.gather(*(collect(executor.generate(r)) for r in requests))
@@ -69,7 +77,7 @@ def test_concurrent_greedy_output_equals_generate(model_dir: Path, tokenizer: An
             await executor.shutdown()
 
     results = asyncio.run(main())
-    for (token_ids, finish), want in zip(results, expected):
+    for (token_ids, finish), want in zip(results, expected, strict=True):
         assert token_ids == want
         assert finish is FinishReason.LENGTH
 
@@ -84,11 +92,19 @@ def test_end_id_and_stop_sequences_end_requests_without_being_returned(
     async def main() -> tuple[Any, Any]:
         executor = await _executor(model_dir)
         try:
-            by_end = GenerateRequest(request_id="e", prompt_token_ids=ids, max_tokens=24, sampling=GREEDY, end_id=end_id)
-            by_stop = GenerateRequest(
-                request_id="s", prompt_token_ids=ids, max_tokens=24, sampling=GREEDY, stop_token_sequences=(stop_pair,)
+            by_end = GenerateRequest(
+                request_id="e", prompt_token_ids=ids, max_tokens=24, sampling=GREEDY, end_id=end_id
             )
-            return await collect(executor.generate(by_end)), await collect(executor.generate(by_stop))
+            by_stop = GenerateRequest(
+                request_id="s",
+                prompt_token_ids=ids,
+                max_tokens=24,
+                sampling=GREEDY,
+                stop_token_sequences=(stop_pair,),
+            )
+            return await collect(executor.generate(by_end)), await collect(
+                executor.generate(by_stop)
+            )
         finally:
             await executor.shutdown()
 
@@ -101,7 +117,9 @@ def test_cancelled_consumer_frees_the_engine_slot(model_dir: Path, tokenizer: An
     async def main() -> Any:
         executor = await _executor(model_dir)
         try:
-            request = GenerateRequest(request_id="c", prompt_token_ids=prompt_ids(tokenizer, "x"), max_tokens=1500)
+            request = GenerateRequest(
+                request_id="c", prompt_token_ids=prompt_ids(tokenizer, "x"), max_tokens=1500
+            )
             stream = executor.generate(request)
             await stream.__anext__()
             await stream.aclose()
@@ -133,7 +151,9 @@ def test_sampling_with_temperature_differs_from_greedy_and_respects_max_tokens(
         try:
             sampling = SamplingParams(temperature=1.5, top_p=1.0)
             requests = [
-                GenerateRequest(request_id=f"t{i}", prompt_token_ids=ids, max_tokens=16, sampling=sampling)
+                GenerateRequest(
+                    request_id=f"t{i}", prompt_token_ids=ids, max_tokens=16, sampling=sampling
+                )
                 for i in range(4)
             ]
             return await asyncio.gather(*(collect(executor.generate(r)) for r in requests))
@@ -153,7 +173,9 @@ def test_dead_executor_fails_health_and_new_requests(model_dir: Path, tokenizer:
         await executor.shutdown()
         with pytest.raises(EngineDead):
             executor.check_health()
-        request = GenerateRequest(request_id="d", prompt_token_ids=prompt_ids(tokenizer, "x"), max_tokens=4)
+        request = GenerateRequest(
+            request_id="d", prompt_token_ids=prompt_ids(tokenizer, "x"), max_tokens=4
+        )
         with pytest.raises(EngineDead):
             await collect(executor.generate(request))
 

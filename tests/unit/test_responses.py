@@ -82,7 +82,9 @@ def test_whole_reply_carries_tool_calls_and_finish_reason(tokenizer: Any) -> Non
 
 def test_streamed_tool_call_deltas_follow_openai_and_never_leak_markup(tokenizer: Any) -> None:
     async def main() -> list[Any]:
-        chunks = responses.chat_chunks("m", "chatcmpl-1", [await _choice(tokenizer)], include_usage=True)
+        chunks = responses.chat_chunks(
+            "m", "chatcmpl-1", [await _choice(tokenizer)], include_usage=True
+        )
         return [chunk async for chunk in chunks]
 
     chunks = asyncio.run(main())
@@ -90,10 +92,16 @@ def test_streamed_tool_call_deltas_follow_openai_and_never_leak_markup(tokenizer
     content = "".join(d.content or "" for d in deltas)
     assert "<tool_call>" not in content and content.strip() == "Let me check."
     calls = [call for d in deltas for call in d.tool_calls or []]
-    assert calls[0].index == 0 and calls[0].id == "call_fixed" and calls[0].function.name == "get_weather"
+    assert (
+        calls[0].index == 0
+        and calls[0].id == "call_fixed"
+        and calls[0].function.name == "get_weather"
+    )
     arguments = "".join(call.function.arguments or "" for call in calls)
     assert json.loads(arguments) == {"city": "東京"}
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == ["tool_calls"]
     assert chunks[-1].usage is not None and chunks[-1].choices == []
 
@@ -101,7 +109,9 @@ def test_streamed_tool_call_deltas_follow_openai_and_never_leak_markup(tokenizer
 def test_several_choices_are_interleaved_with_their_indexes(tokenizer: Any) -> None:
     async def main() -> list[Any]:
         choices = [await _choice(tokenizer, 0), await _choice(tokenizer, 1)]
-        return [chunk async for chunk in responses.chat_chunks("m", "c", choices, include_usage=False)]
+        return [
+            chunk async for chunk in responses.chat_chunks("m", "c", choices, include_usage=False)
+        ]
 
     chunks = asyncio.run(main())
     finished = sorted(c.choices[0].index for c in chunks if c.choices[0].finish_reason)

@@ -50,7 +50,9 @@ def test_session_sticks_to_one_replica_across_calls() -> None:
     p = policy()
     busy = {"r0": 2, "r1": 1, "r2": 0, "r3": 1}  # uneven, but nobody above the bound
     chosen = {owner(p, loads(busy), "chat-42") for _ in range(5)}
-    chosen.add(owner(policy(seed=7), loads(), "chat-42"))  # another router process: same ring, same owner
+    chosen.add(
+        owner(policy(seed=7), loads(), "chat-42")
+    )  # another router process: same ring, same owner
     assert len(chosen) == 1
 
 
@@ -117,13 +119,18 @@ CHAT_A = SYSTEM + list(range(200, 212))  # five blocks, the first two shared
 
 def test_chained_hash_same_prefix_same_hashes_and_one_changed_token_changes_all_later() -> None:
     base = list(range(40))
-    assert chain_block_hashes(base, BLOCK)[:3] == chain_block_hashes(base[:12] + [7, 7, 7, 7], BLOCK)[:3]
+    assert (
+        chain_block_hashes(base, BLOCK)[:3]
+        == chain_block_hashes(base[:12] + [7, 7, 7, 7], BLOCK)[:3]
+    )
     changed = base[:5] + [999] + base[6:]
     original, edited = chain_block_hashes(base, BLOCK), chain_block_hashes(changed, BLOCK)
     assert original[0] == edited[0]
     assert all(a != b for a, b in zip(original[1:], edited[1:], strict=True))
     assert len(chain_block_hashes(base[:11], BLOCK)) == 2  # the partial tail block is not hashed
-    assert chain_block_hashes(base, BLOCK)[1:] == chain_block_hashes(base[4:], BLOCK, parent_hash=original[0])
+    assert chain_block_hashes(base, BLOCK)[1:] == chain_block_hashes(
+        base[4:], BLOCK, parent_hash=original[0]
+    )
 
 
 def test_block_hashes_match_the_engine_kv_event_hashes() -> None:
@@ -145,7 +152,9 @@ def test_sessionless_request_goes_to_the_longest_shared_prefix() -> None:
 def test_no_shared_prefix_uses_power_of_two() -> None:
     p = policy()
     p.record_routed("r1", CHAT_A)
-    ranks = p.rank(loads({"r0": 3, "r2": 1}), session_id=None, prompt_token_ids=list(range(500, 540)))
+    ranks = p.rank(
+        loads({"r0": 3, "r2": 1}), session_id=None, prompt_token_ids=list(range(500, 540))
+    )
     assert len(ranks) == 1 and len(ranks[0]) == 2
 
 
@@ -154,7 +163,9 @@ def test_imbalance_falls_back_to_power_of_two_on_load() -> None:
     p.record_routed("r1", CHAT_A)
     ranks = p.rank(loads({"r1": 9}, ids=["r0", "r1"]), session_id=None, prompt_token_ids=CHAT_A)
     assert ranks == [["r0", "r1"]]  # least loaded first; r1's cached prefix is ignored
-    assert p.rank(loads({"r1": 3}, ids=["r0", "r1"]), session_id=None, prompt_token_ids=CHAT_A)[0] == ["r1"]
+    assert p.rank(loads({"r1": 3}, ids=["r0", "r1"]), session_id=None, prompt_token_ids=CHAT_A)[
+        0
+    ] == ["r1"]
 
 
 def test_power_of_two_is_seeded_and_skips_full_replicas() -> None:
@@ -168,7 +179,9 @@ def test_power_of_two_is_seeded_and_skips_full_replicas() -> None:
     assert draws(3) == draws(3)
     pairs = [ranks[0] for ranks in draws(3)]
     assert all(len(pair) == 2 and not {"r0", "r1"} & set(pair) for pair in pairs)
-    assert all(pair[1] == "r5" for pair in pairs if "r5" in pair)  # the less loaded of the two first
+    assert all(
+        pair[1] == "r5" for pair in pairs if "r5" in pair
+    )  # the less loaded of the two first
 
 
 # ---- state ------------------------------------------------------------------------------------------------

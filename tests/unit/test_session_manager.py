@@ -31,14 +31,24 @@ def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
 
-async def run_turn(manager: SessionManager, session_id: str, text: str, reply_ids: list[int], tokenizer: Any,
-                   max_tokens: int = 16) -> Any:
-    plan = await manager.begin(OWNER, session_id, user(text), requested_max_tokens=max_tokens, default_max_tokens=16)
+async def run_turn(
+    manager: SessionManager,
+    session_id: str,
+    text: str,
+    reply_ids: list[int],
+    tokenizer: Any,
+    max_tokens: int = 16,
+) -> Any:
+    plan = await manager.begin(
+        OWNER, session_id, user(text), requested_max_tokens=max_tokens, default_max_tokens=16
+    )
     state = await manager.commit(plan, reply_ids, tokenizer.decode(reply_ids), is_exact=True)
     return plan, state
 
 
-def test_each_turn_prompt_starts_with_the_previous_turns_exact_tokens(tmp_path: Path, tokenizer: Any) -> None:
+def test_each_turn_prompt_starts_with_the_previous_turns_exact_tokens(
+    tmp_path: Path, tokenizer: Any
+) -> None:
     async def main() -> None:
         manager = make_manager(tmp_path, tokenizer)
         state = await manager.create(OWNER, "m", system_prompt="Be brief.", tools=None, metadata={})
@@ -46,7 +56,9 @@ def test_each_turn_prompt_starts_with_the_previous_turns_exact_tokens(tmp_path: 
         # Replies whose ids differ from how their text would re-tokenize: only exact-id continuation keeps them.
         replies = [[72, 101], [383, 88, 12], [500, 501, 502], [7], [99, 98]]
         for turn, reply in enumerate(replies):
-            plan, saved = await run_turn(manager, state.session_id, f"question {turn}", reply, tokenizer)
+            plan, saved = await run_turn(
+                manager, state.session_id, f"question {turn}", reply, tokenizer
+            )
             assert plan.prompt_token_ids[: len(previous)] == previous
             assert plan.is_prefix_continued == (turn > 0)
             previous = plan.prompt_token_ids + reply
@@ -57,18 +69,26 @@ def test_each_turn_prompt_starts_with_the_previous_turns_exact_tokens(tmp_path: 
     asyncio.run(main())
 
 
-def test_first_turn_prompt_equals_the_templates_own_rendering(tmp_path: Path, tokenizer: Any) -> None:
+def test_first_turn_prompt_equals_the_templates_own_rendering(
+    tmp_path: Path, tokenizer: Any
+) -> None:
     async def main() -> None:
         manager = make_manager(tmp_path, tokenizer)
         state = await manager.create(OWNER, "m", system_prompt="S", tools=None, metadata={})
-        plan = await manager.begin(OWNER, state.session_id, user("hi"), requested_max_tokens=4, default_max_tokens=4)
+        plan = await manager.begin(
+            OWNER, state.session_id, user("hi"), requested_max_tokens=4, default_max_tokens=4
+        )
         expected = tokenizer.apply_chat_template(
             [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
             add_generation_prompt=True,
             return_dict=False,
         )
         assert plan.prompt_token_ids == list(expected)
-        assert plan.retention is not None and plan.retention.start == 0 and plan.retention.priority == 100
+        assert (
+            plan.retention is not None
+            and plan.retention.start == 0
+            and plan.retention.priority == 100
+        )
         await manager.abort(plan)
 
     asyncio.run(main())
@@ -82,7 +102,9 @@ def test_a_template_that_renders_history_differently_is_detected_and_rerendered(
         state = await manager.create(OWNER, "m", system_prompt=None, tools=None, metadata={})
         await run_turn(manager, state.session_id, "one", [72, 101], tokenizer)
         stored = await manager.get(OWNER, state.session_id)
-        stored.prompt_text = stored.prompt_text.replace("one", "uno")  # what a history-rewriting template does
+        stored.prompt_text = stored.prompt_text.replace(
+            "one", "uno"
+        )  # what a history-rewriting template does
         await manager._store.save(stored)
         plan, _ = await run_turn(manager, state.session_id, "two", [5], tokenizer)
         assert not plan.is_prefix_continued
@@ -91,16 +113,24 @@ def test_a_template_that_renders_history_differently_is_detected_and_rerendered(
     asyncio.run(main())
 
 
-def test_context_overflow_evicts_oldest_turns_and_reports_them(tmp_path: Path, tokenizer: Any) -> None:
+def test_context_overflow_evicts_oldest_turns_and_reports_them(
+    tmp_path: Path, tokenizer: Any
+) -> None:
     async def main() -> None:
         manager = make_manager(tmp_path, tokenizer, max_model_len=160)
         state = await manager.create(OWNER, "m", system_prompt="Keep me.", tools=None, metadata={})
         for turn in range(3):
-            await run_turn(manager, state.session_id, f"message number {turn} " * 3, [72, 101, 108], tokenizer)
+            await run_turn(
+                manager, state.session_id, f"message number {turn} " * 3, [72, 101, 108], tokenizer
+            )
         history = (await manager.get(OWNER, state.session_id)).messages
         assert len(history) == 6, "three turns fit without eviction"
         plan = await manager.begin(
-            OWNER, state.session_id, user("the current question"), requested_max_tokens=40, default_max_tokens=16
+            OWNER,
+            state.session_id,
+            user("the current question"),
+            requested_max_tokens=40,
+            default_max_tokens=16,
         )
         assert plan.evicted, "something had to go"
         assert [m["role"] for m in plan.evicted] == ["user", "assistant"] * (len(plan.evicted) // 2)
@@ -115,31 +145,47 @@ def test_context_overflow_evicts_oldest_turns_and_reports_them(tmp_path: Path, t
     asyncio.run(main())
 
 
-def test_a_turn_that_cannot_fit_is_refused_and_history_is_kept(tmp_path: Path, tokenizer: Any) -> None:
+def test_a_turn_that_cannot_fit_is_refused_and_history_is_kept(
+    tmp_path: Path, tokenizer: Any
+) -> None:
     async def main() -> None:
         manager = make_manager(tmp_path, tokenizer, max_model_len=64)
         state = await manager.create(OWNER, "m", system_prompt=None, tools=None, metadata={})
         await run_turn(manager, state.session_id, "short", [72], tokenizer, max_tokens=4)
         before = await manager.get(OWNER, state.session_id)
         with pytest.raises(ContextLengthExceeded) as raised:
-            await manager.begin(OWNER, state.session_id, user("x " * 80), requested_max_tokens=8, default_max_tokens=8)
+            await manager.begin(
+                OWNER,
+                state.session_id,
+                user("x " * 80),
+                requested_max_tokens=8,
+                default_max_tokens=8,
+            )
         assert raised.value.code == "context_length_exceeded"
         after = await manager.get(OWNER, state.session_id)
         assert after.messages == before.messages and after.token_ids == before.token_ids
         # The failed turn released the session: the next one may start.
-        plan = await manager.begin(OWNER, state.session_id, user("ok"), requested_max_tokens=4, default_max_tokens=4)
+        plan = await manager.begin(
+            OWNER, state.session_id, user("ok"), requested_max_tokens=4, default_max_tokens=4
+        )
         await manager.abort(plan)
 
     asyncio.run(main())
 
 
-def test_second_concurrent_turn_conflicts_and_abort_keeps_history(tmp_path: Path, tokenizer: Any) -> None:
+def test_second_concurrent_turn_conflicts_and_abort_keeps_history(
+    tmp_path: Path, tokenizer: Any
+) -> None:
     async def main() -> None:
         manager = make_manager(tmp_path, tokenizer)
         state = await manager.create(OWNER, "m", system_prompt=None, tools=None, metadata={})
-        plan = await manager.begin(OWNER, state.session_id, user("a"), requested_max_tokens=4, default_max_tokens=4)
+        plan = await manager.begin(
+            OWNER, state.session_id, user("a"), requested_max_tokens=4, default_max_tokens=4
+        )
         with pytest.raises(ConflictError):
-            await manager.begin(OWNER, state.session_id, user("b"), requested_max_tokens=4, default_max_tokens=4)
+            await manager.begin(
+                OWNER, state.session_id, user("b"), requested_max_tokens=4, default_max_tokens=4
+            )
         await manager.abort(plan)
         stored = await manager.get(OWNER, state.session_id)
         assert stored.messages == [] and stored.num_turns == 0

@@ -60,7 +60,9 @@ def _is_ponging(port: int) -> bool:
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = shutil.which("redis-server")
     if server is None:
-        pytest.skip("REDIS BACKEND UNTESTED: redis-server is not on PATH (apt-get install redis-server)")
+        pytest.skip(
+            "REDIS BACKEND UNTESTED: redis-server is not on PATH (apt-get install redis-server)"
+        )
     pytest.importorskip(
         "redis", reason="REDIS BACKEND UNTESTED: redis-py is not installed (pip install redis)"
     )
@@ -75,7 +77,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 log = workdir / "redis.log"
                 tail = log.read_text()[-2000:] if log.exists() else ""
-                pytest.fail(f"redis-server did not start on port {port} (exit code {proc.poll()}):\n{tail}")
+                pytest.fail(
+                    f"redis-server did not start on port {port} (exit code {proc.poll()}):\n{tail}"
+                )
             time.sleep(0.02)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
@@ -102,11 +106,20 @@ async def close_all(*stores: SessionStore) -> None:
 def test_create_load_save_delete_roundtrip_keeps_every_field(open_store: OpenStore) -> None:
     state = new_state(
         system_prompt="Tu es un assistant. 你好 🚀",
-        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        tools=[
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "parameters": {"type": "object"}},
+            }
+        ],
         metadata={"tenant": "ünïcødé", "lang": "日本語"},
         messages=[
             {"role": "user", "content": "naïve café → ≤ ∑ π 😀 עברית"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function"}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "call_1", "type": "function"}],
+            },
             {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21.5}\n\ttabs'},
         ],
         prompt_text="<|im_start|>user\nnaïve café 😀<|im_end|>\n",
@@ -114,7 +127,11 @@ def test_create_load_save_delete_roundtrip_keeps_every_field(open_store: OpenSto
         num_turns=3,
         evictions=[
             Eviction(
-                at_turn=2, num_messages=2, num_tokens_freed=40, roles=["user", "assistant"], created_at=1.5
+                at_turn=2,
+                num_messages=2,
+                num_tokens_freed=40,
+                roles=["user", "assistant"],
+                created_at=1.5,
             ),
             Eviction(at_turn=3, num_messages=1, num_tokens_freed=7, roles=["tool"]),
         ],
@@ -138,7 +155,9 @@ def test_create_load_save_delete_roundtrip_keeps_every_field(open_store: OpenSto
             assert await store.load(state.session_id) == state
 
             with pytest.raises(ConflictError) as exc:
-                await store.create(new_state(session_id=state.session_id), max_sessions_per_owner=None)
+                await store.create(
+                    new_state(session_id=state.session_id), max_sessions_per_owner=None
+                )
             assert exc.value.code == "session_exists"
 
             assert await store.delete(state.session_id) is True
@@ -296,7 +315,9 @@ def test_turn_lease_is_exclusive_expires_and_only_holder_releases(open_store: Op
     run(main())
 
 
-def test_cached_store_never_serves_a_version_another_replica_replaced(open_store: OpenStore) -> None:
+def test_cached_store_never_serves_a_version_another_replica_replaced(
+    open_store: OpenStore,
+) -> None:
     async def main() -> None:
         cached, other = CachedSessionStore(open_store(), max_entries=2), open_store()
         try:
@@ -394,7 +415,9 @@ def test_open_session_store_builds_the_configured_backend(
     assert default.inner.path == str(tmp_path / "cache" / "sessions.sqlite3")
     assert default.inner.idle_ttl_s == 86400
 
-    uncached = open_session_store(SessionStoreConfig(sqlite_path=str(tmp_path / "s.db"), cache_entries=0))
+    uncached = open_session_store(
+        SessionStoreConfig(sqlite_path=str(tmp_path / "s.db"), cache_entries=0)
+    )
     assert isinstance(uncached, SQLiteSessionStore)
 
     async def roundtrip() -> None:

@@ -34,7 +34,9 @@ def parser(family: str) -> ToolCallParser:
 
 
 def call(index: int, name: str, arguments: object) -> ParsedToolCall:
-    return ParsedToolCall(id=f"call_{index}", name=name, arguments=json.dumps(arguments, ensure_ascii=False))
+    return ParsedToolCall(
+        id=f"call_{index}", name=name, arguments=json.dumps(arguments, ensure_ascii=False)
+    )
 
 
 def fold(events: list[StreamEvent]) -> ParseResult:
@@ -47,12 +49,18 @@ def fold(events: list[StreamEvent]) -> ParseResult:
             content += event.content
             continue
         assert event.tool_call_index is not None
-        if event.tool_call_index == len(calls):  # a new call opens with its id and name, no arguments
+        if event.tool_call_index == len(
+            calls
+        ):  # a new call opens with its id and name, no arguments
             assert event.tool_call_id and event.name and event.arguments_delta is None
             calls.append([event.tool_call_id, event.name, ""])
         else:  # then only argument fragments for the latest call
             assert event.tool_call_index == len(calls) - 1
-            assert event.tool_call_id is None and event.name is None and event.arguments_delta is not None
+            assert (
+                event.tool_call_id is None
+                and event.name is None
+                and event.arguments_delta is not None
+            )
             calls[-1][2] += event.arguments_delta
     return ParseResult(content or None, [ParsedToolCall(*fields) for fields in calls])
 
@@ -103,7 +111,10 @@ def test_hermes_parses_what_our_template_renders() -> None:
                     "role": "assistant",
                     "content": "Checking.",
                     "tool_calls": [
-                        {"id": "call_x", "function": {"name": "get_weather", "arguments": arguments}}
+                        {
+                            "id": "call_x",
+                            "function": {"name": "get_weather", "arguments": arguments},
+                        }
                     ],
                 },
             ]
@@ -178,7 +189,9 @@ MISTRAL_V11_CONTROL_TOKENS = (
 
 
 def test_mistral_pre_v11_calls_from_vllm_tests() -> None:
-    assert parser("mistral").parse(VLLM_MISTRAL) == ParseResult(None, [call(0, "add", {"a": 3.5, "b": 4})])
+    assert parser("mistral").parse(VLLM_MISTRAL) == ParseResult(
+        None, [call(0, "add", {"a": 3.5, "b": 4})]
+    )
     assert parser("mistral").parse(VLLM_MISTRAL_ARGUMENTS_FIRST).tool_calls == [
         call(0, "get_current_weather", {"city": "San Francisco", "state": "CA", "unit": "celsius"})
     ]
@@ -215,15 +228,24 @@ MALFORMED = [
     ("hermes", '<tool_call>{"name": "f", "arguments": {}}} trailing</tool_call>'),
     ("hermes", "Wrap calls in <tool_call> tags, like <tool_call>this</tool_call>."),
     ("hermes", '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'),
-    ("llama3_json", '{"name": "invalidTool", "parameters": {invalid json}'),  # vLLM test_..._invalid_json
+    (
+        "llama3_json",
+        '{"name": "invalidTool", "parameters": {invalid json}',
+    ),  # vLLM test_..._invalid_json
     ("llama3_json", '{"parameters": {}}'),  # vLLM test_extract_tool_calls_missing_name_key
-    ("llama3_json", '{"name": "toolWithoutParams"}'),  # vLLM test_..._missing_parameters_and_arguments_key
+    (
+        "llama3_json",
+        '{"name": "toolWithoutParams"}',
+    ),  # vLLM test_..._missing_parameters_and_arguments_key
     ("llama3_json", '  {"answer": 42, "unit": "m"}'),
     ("llama3_json", '<|python_tag|>brave_search.call(query="weather in Paris")'),
     ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, {"arguments": {}}]'),
     ("mistral", "[TOOL_CALLS][]"),
     # vLLM test_mistral_tool_parser.py "complex": vLLM keeps the truncated arguments, we return content.
-    ("mistral", """hi{hi[TOOL_CALLS]bash{"command": "print(\\"hello world!\\")\\nre.compile(r\'{}\')"""),
+    (
+        "mistral",
+        """hi{hi[TOOL_CALLS]bash{"command": "print(\\"hello world!\\")\\nre.compile(r\'{}\')""",
+    ),
     ("mistral", "[TOOL_CALLS] sorry, no tool fits"),
 ]
 
@@ -278,7 +300,9 @@ def test_stream_split_anywhere_matches_parse(family: str, text: str) -> None:
 def test_content_streams_before_the_call_completes_and_markup_never_leaks() -> None:
     tool_parser = parser("hermes")
     assert tool_parser.feed("Let me check.") == [StreamEvent(content="Let me check.")]
-    assert tool_parser.feed(" <tool") == []  # could be the start of a marker: held like a stop string
+    assert (
+        tool_parser.feed(" <tool") == []
+    )  # could be the start of a marker: held like a stop string
     assert tool_parser.feed('_call>\n{"name": "f", "arguments": {"q": 1}}') == []
     assert tool_parser.feed("\n</tool_call>") == [
         StreamEvent(tool_call_index=0, tool_call_id="call_0", name="f"),
@@ -347,7 +371,9 @@ def test_random_markup_soup_streams_like_parse_and_loses_nothing_without_calls()
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
         expected = parser(family).parse(text)
         cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, 4)))
-        chunks = [text[start:end] for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        chunks = [
+            text[start:end] for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True)
+        ]
         assert stream(family, chunks) == expected, (family, chunks)
         if not expected.tool_calls:
             assert expected.content == (text or None), (family, text)

@@ -14,7 +14,11 @@ def answer(text: str) -> dict[str, Any]:
 
 
 def call(name: str) -> dict[str, Any]:
-    return {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": name, "arguments": "{}"}}]}
+    return {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"function": {"name": name, "arguments": "{}"}}],
+    }
 
 
 def result(text: str) -> dict[str, Any]:
@@ -22,9 +26,17 @@ def result(text: str) -> dict[str, Any]:
 
 
 CONVERSATION = [
-    user("u1"), call("a"), result("r1"), answer("a1"),  # turn 1, with a tool round
-    user("u2"), answer("a2"),  # turn 2
-    user("u3"), call("b"), result("r3"), call("c"), result("r4"),  # current turn, two tool rounds
+    user("u1"),
+    call("a"),
+    result("r1"),
+    answer("a1"),  # turn 1, with a tool round
+    user("u2"),
+    answer("a2"),  # turn 2
+    user("u3"),
+    call("b"),
+    result("r3"),
+    call("c"),
+    result("r4"),  # current turn, two tool rounds
 ]
 
 
