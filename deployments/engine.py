@@ -108,12 +108,13 @@ def engine_deployment(config: EngineConfig, model_dir: str) -> Any:
     )
     # Predicted blocks match the engine's KV block size: transformers' page size, TensorRT-LLM's 32 default.
     block_size = config.transformers.page_size if config.kind == "transformers" else 32
+    if config.request_router == "session_affinity":
+        options["request_router_config"] = engine_request_router_config(block_size=block_size)
     return serve.deployment(
         Engine,
         name="Engine",
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
         health_check_period_s=config.health_check_period_s,
-        request_router_config=engine_request_router_config(block_size=block_size),
         **options,
     )
