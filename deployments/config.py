@@ -95,6 +95,11 @@ class EngineConfig(_Strict):
     max_ongoing_requests: int = Field(
         default=256, gt=0, description="In-flight requests per replica."
     )
+    request_router: Literal["session_affinity", "power_of_two"] = Field(
+        default="session_affinity",
+        description="How the router picks an engine replica: sessions stick to the replica holding "
+        "their KV cache (deployments/routing.py), or Ray Serve's default power-of-two choices.",
+    )
     health_check_period_s: float = Field(
         default=10.0, gt=0, description="Serve health-check period."
     )
