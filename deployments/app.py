@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import ray
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
@@ -13,6 +14,7 @@ from ray.serve import Application
 from deployments.config import AppConfig
 from deployments.embedded_model import ensure_embedded_model
 from deployments.engine import engine_deployment
+from deployments.placement import check_replica_fits
 from deployments.router import Router
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     except ValidationError as error:
         raise ValueError(f"invalid serve_config args:\n{error}") from None
     model_dir, tokenizer_dir = resolve_model_dirs(config)
+    if config.engine.check_fits_at_build and ray.is_initialized():
+        check_replica_fits(
+            num_gpus=config.engine.num_gpus_per_replica,
+            num_cpus=config.engine.num_cpus_per_replica,
+            nodes=ray.nodes(),
+        )
     engine = engine_deployment(config.engine, model_dir).bind(config.engine, model_dir)
     router = serve.deployment(
         Router,

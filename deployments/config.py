@@ -95,6 +95,11 @@ class EngineConfig(_Strict):
     max_ongoing_requests: int = Field(
         default=256, gt=0, description="In-flight requests per replica."
     )
+    check_fits_at_build: bool = Field(
+        default=True,
+        description="Fail `build_app` when no node of the running cluster can host one replica (Serve would "
+        "wait forever); turn off on autoscaling clusters whose GPU nodes do not exist yet.",
+    )
     request_router: Literal["session_affinity", "power_of_two"] = Field(
         default="session_affinity",
         description="How the router picks an engine replica: sessions stick to the replica holding "

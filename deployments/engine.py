@@ -25,7 +25,11 @@ def create_executor(config: EngineConfig, model_dir: str) -> Executor:
     if config.kind == "transformers":
         from deployments.executors.hf import TransformersExecutor
 
-        return TransformersExecutor(model_dir, config.transformers)
+        settings = config.transformers
+        if settings.device == "auto" and config.num_gpus_per_replica == 0:
+            # Ray leaves CUDA_VISIBLE_DEVICES alone for a replica that reserved no GPU: don't take one anyway.
+            settings = settings.model_copy(update={"device": "cpu"})
+        return TransformersExecutor(model_dir, settings)
     if config.kind == "trtllm":
         from deployments.executors.trtllm import TrtllmExecutor
 
@@ -90,11 +94,14 @@ def engine_deployment(config: EngineConfig, model_dir: str) -> Any:
     """The Engine class as a Serve deployment, with options computed from the config (and, for TensorRT-LLM,
     from the engine's own parallel layout: a TP group is one placement-group bundle on one node)."""
     tensor_parallel_size = 1
+    # Predicted blocks match the engine's KV block size: transformers' page size, TensorRT-LLM's tokens per block.
+    block_size = config.transformers.page_size
     if config.kind == "trtllm":
         from deployments.executors.trtllm_config import read_engine_layout
 
         layout = read_engine_layout(config.trtllm.engine_dir or model_dir)
         tensor_parallel_size = layout.tp_size
+        block_size = layout.tokens_per_block
         if config.num_gpus_per_replica != layout.world_size:
             raise ValueError(
                 f"the engine has {layout.world_size} ranks (tp={layout.tp_size}, pp={layout.pp_size}); "
@@ -106,8 +113,6 @@ def engine_deployment(config: EngineConfig, model_dir: str) -> Any:
         tensor_parallel_size=tensor_parallel_size,
         uses_mpi=config.kind == "trtllm",
     )
-    # Predicted blocks match the engine's KV block size: transformers' page size, TensorRT-LLM's 32 default.
-    block_size = config.transformers.page_size if config.kind == "transformers" else 32
     if config.request_router == "session_affinity":
         options["request_router_config"] = engine_request_router_config(block_size=block_size)
     return serve.deployment(

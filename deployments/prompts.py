@@ -108,9 +108,11 @@ class PromptBuilder:
             messages, tools=tools, add_generation_prompt=add_generation_prompt
         )
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    def encode_prompt(
+        self, prompt: str | list[int], *, add_special_tokens: bool = True
+    ) -> list[int]:
         if isinstance(prompt, str):
-            return encode(self._tokenizer, prompt)
+            return encode(self._tokenizer, prompt, add_special_tokens=add_special_tokens)
         vocab_size = len(self._tokenizer)
         bad = next((token_id for token_id in prompt if not 0 <= token_id < vocab_size), None)
         if bad is not None:

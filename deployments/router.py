@@ -4,6 +4,8 @@ No `from __future__ import annotations` here: FastAPI must resolve the `Request`
 """
 
 import asyncio
+import hashlib
+import itertools
 import json
 import logging
 import uuid
@@ -66,7 +68,12 @@ def parse_request(model: type[RequestT], body: Any) -> RequestT:
         first = error.errors()[0]
         loc = first["loc"]
         param = ".".join(str(part) for part in loc) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
+        text = str(first["msg"]).removeprefix("Value error, ")
+        if param is None:
+            # A whole-request check: its message starts with the field it is about.
+            candidate = text.split(" ", 1)[0]
+            param = candidate if candidate in model.model_fields else None
+        message = f"{param}: {text}" if param and not text.startswith(param) else text
         if first["type"] == "extra_forbidden":
             message = f"{param}: unknown field (not part of this API)"
         if len(loc) > 1 and loc[0] == "tools" and isinstance(loc[1], int):
@@ -101,6 +108,19 @@ async def sse_stream(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
         logger.warning("stream failed: %s", error.message)
         yield sse.encode_error(to_error_body(error))
     yield sse.DONE
+
+
+def tool_call_ids(request_id: str, family: str) -> Callable[[], str]:
+    """Ids derived from the request id: the reply and the session's stored copy parse the same text
+    separately, and must name the calls alike (templates render ids; clients answer with them)."""
+    counter = itertools.count()
+
+    def make_id() -> str:
+        digest = hashlib.sha256(f"{request_id}:{next(counter)}".encode()).hexdigest()
+        # Mistral's templates require 9 alphanumeric characters.
+        return digest[:9] if family == "mistral" else f"call_{digest[:24]}"
+
+    return make_id
 
 
 def _include_usage(body: Any) -> bool:
@@ -161,7 +181,8 @@ class ChatTurn:
         text = self.generation.text
         message = None
         if self._parser_family is not None:
-            parsed = get_tool_parser(self._parser_family).parse(text)
+            make_id = tool_call_ids(self.generation.request.request_id, self._parser_family)
+            parsed = get_tool_parser(self._parser_family, make_id=make_id).parse(text)
             if parsed.tool_calls:
                 calls = [
                     {
@@ -215,7 +236,7 @@ class Router:
         sessions = config.sessions
         self._sessions = SessionManager(
             open_session_store(sessions.store),
-            ChatTemplate(self._tokenizer),
+            ChatTemplate(self._tokenizer) if self._tokenizer.chat_template else None,
             self._tokenizer,
             max_model_len=self._prompts.max_model_len,
             max_sessions_per_owner=sessions.max_sessions_per_owner,
@@ -389,7 +410,9 @@ class Router:
             tokens = self._prompts.render_tokenize(messages, tools, body.add_generation_prompt)
         else:
             assert body.prompt is not None
-            tokens = self._prompts.encode_prompt(body.prompt)
+            tokens = self._prompts.encode_prompt(
+                body.prompt, add_special_tokens=body.add_special_tokens
+            )
         return TokenizeResponse(
             count=len(tokens), max_model_len=self._prompts.max_model_len, tokens=tokens
         )
@@ -446,7 +469,13 @@ class Router:
                 index=i,
                 generation=turn.generation,
                 events=turn.events(),
-                parser=get_tool_parser(family) if family else None,
+                parser=(
+                    get_tool_parser(
+                        family, make_id=tool_call_ids(turn.generation.request.request_id, family)
+                    )
+                    if family
+                    else None
+                ),
                 tokenizer=self._tokenizer,
                 has_logprobs=body.logprobs,
             )

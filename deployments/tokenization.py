@@ -67,8 +67,8 @@ class ChatTemplate:
         return list(self._tokenizer.encode(rendered, add_special_tokens=False))
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=True))
+def encode(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def stop_token_ids(tokenizer: Any) -> tuple[int | None, tuple[tuple[int, ...], ...]]:

@@ -31,7 +31,9 @@ _MIN_WORD_TOKENS = 16
 def read_vocab_size(model_dir: str | Path) -> int:
     """`vocab_size` from a Hugging Face config.json, or from a trtllm-build engine's `pretrained_config`."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    vocab_size = config.get("vocab_size") or (config.get("pretrained_config") or {}).get("vocab_size")
+    vocab_size = config.get("vocab_size") or (config.get("pretrained_config") or {}).get(
+        "vocab_size"
+    )
     if not isinstance(vocab_size, int) or vocab_size <= 0:
         raise ValueError(f"{model_dir}/config.json declares no vocab_size")
     return vocab_size
@@ -93,7 +95,9 @@ class EmulatorExecutor(Executor):
         self.vocab_size = read_vocab_size(model_dir)
         self.token_ids = visible_token_ids(model_dir, self.vocab_size)
         self._waiting: collections.deque[GenerateRequest] = collections.deque()
-        self._prefilling: list[tuple[float, int, str]] = []  # heap of (first_token_at, seq, request_id)
+        self._prefilling: list[
+            tuple[float, int, str]
+        ] = []  # heap of (first_token_at, seq, request_id)
         self._running: dict[str, _Running] = {}
         self._decoding: dict[str, _Running] = {}
         self._next_step_at = 0.0
@@ -136,7 +140,9 @@ class EmulatorExecutor(Executor):
     def _cancel(self, request_id: str) -> None:
         # A prefilling entry stays in the heap and is skipped when popped (lazy deletion).
         if self._running.pop(request_id, None) is None:
-            self._waiting = collections.deque(r for r in self._waiting if r.request_id != request_id)
+            self._waiting = collections.deque(
+                r for r in self._waiting if r.request_id != request_id
+            )
         self._decoding.pop(request_id, None)
         self._wake()
 
@@ -170,7 +176,9 @@ class EmulatorExecutor(Executor):
             )
             self._running[request.request_id] = running
             self._num_admitted += 1
-            heapq.heappush(self._prefilling, (running.first_token_at, self._num_admitted, request.request_id))
+            heapq.heappush(
+                self._prefilling, (running.first_token_at, self._num_admitted, request.request_id)
+            )
 
     def _emit_first_tokens(self, now: float) -> None:
         while self._prefilling and self._prefilling[0][0] <= now:

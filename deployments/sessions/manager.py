@@ -52,7 +52,7 @@ class SessionManager:
     def __init__(
         self,
         store: SessionStore,
-        template: ChatTemplate,
+        template: ChatTemplate | None,
         tokenizer: Any,
         *,
         max_model_len: int,
@@ -60,12 +60,21 @@ class SessionManager:
         turn_timeout_s: float,
     ) -> None:
         self._store = store
-        self._template = template
+        # None: the model has no chat template, so there are no sessions (completions still work).
+        self._maybe_template = template
         self._tokenizer = tokenizer
         self._max_model_len = max_model_len
         self._max_sessions_per_owner = max_sessions_per_owner
         self._turn_timeout_s = turn_timeout_s
         self.counters = SessionCounters()
+
+    @property
+    def _template(self) -> ChatTemplate:
+        if self._maybe_template is None:
+            raise RequestError(
+                "this model has no chat template, so it has no sessions", param="model"
+            )
+        return self._maybe_template
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def create(
