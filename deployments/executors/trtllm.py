@@ -312,6 +312,10 @@ class TrtllmExecutor(Executor):
         executor_config = build_executor_config(
             tle, self._config, self._layout, device_ids=self._device_ids
         )
+        if self._layout.world_size > 1:
+            # Spawned ranks run under Open MPI's orted, which forwards this process's stdin to rank 0:
+            # a replica started from a terminal would hand its keystrokes to the engine.
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         try:
             engine = tle.Executor(
                 self._config.engine_dir, tle.ModelType.DECODER_ONLY, executor_config

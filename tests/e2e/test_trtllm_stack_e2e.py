@@ -1,11 +1,11 @@
-"""The whole router stack on the TensorRT-LLM backend: real Ray Serve, HTTP, and the bindings double.
+"""The whole router stack on the TensorRT-LLM backend: real Ray Serve, HTTP, the bindings double.
 
-The app runs in a subprocess (`python -m tests.e2e.test_trtllm_stack_e2e CONFIG`) with its own fresh local
-Ray, because this pytest process may already drive the suite's `serve run` cluster. It serves `build_app`
-with `engine.kind: trtllm` over a double engine dir whose vocabulary is the embedded tokenizer's, and answers
-one JSON command per stdin line (Engine handle calls, deploying and deleting the TP=2 app) with one JSON
-line on stdout. The double appends what its engine was asked, and how each request ended, to
-`$SHEPHERD_TRTLLM_DOUBLE_RECORD`, which this process reads.
+The app runs in a subprocess (`python -m tests.e2e.test_trtllm_stack_e2e CONFIG`) with its own fresh
+local Ray, because this pytest process may already drive the suite's `serve run` cluster. It serves
+`build_app` with `engine.kind: trtllm` over a double engine dir whose vocabulary is the embedded
+tokenizer's, and answers one JSON command per stdin line (Engine handle calls, deploying and deleting
+the TP=2 app) with one JSON line on stdout. The double appends what its engine was asked, and how each
+request ended, to `$SHEPHERD_TRTLLM_DOUBLE_RECORD`, which this process reads.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 import pytest
@@ -33,7 +33,6 @@ from tests.e2e.conftest import REPO, _kill_session
 from tests.trtllm_support import (
     require_double,
     require_mpi,
-    wait_until_gone,
     worker_pythonpath,
     write_double_engine,
 )
@@ -45,7 +44,7 @@ MODEL = "shepherd-tiny-trtllm"
 API_KEY = "trtllm-stack-key"
 REPLY_PREFIX = "TRTLLM-STACK "
 SYSTEM_PROMPT = "You are a terse assistant."
-START_TIMEOUT_S = 90
+START_TIMEOUT_S = 180  # generous: a loaded 2-core machine takes a minute to start Ray and Serve
 # 10 ms per engine iteration: short replies take a fraction of a second, a long one takes seconds.
 ENGINE_OPTIONS: dict[str, Any] = {
     "iter_latency_ms": 10.0,
@@ -57,7 +56,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
 NUM_CANCELLED_MAX_TOKENS = 1500  # ~15 s of decoding: only a cancellation ends it within the test
 
 
-# ---- the subprocess: one local Ray cluster, the apps, and a command loop --------------------------------
+# ---- the subprocess: one local Ray cluster, the apps, and a command loop -------------------------
 def app_args(engine_dir: str, tokenizer_dir: str, *, num_gpus: int) -> dict[str, Any]:
     return {
         "model": {"path": engine_dir, "tokenizer_path": tokenizer_dir, "served_model_name": MODEL},
@@ -69,9 +68,25 @@ def app_args(engine_dir: str, tokenizer_dir: str, *, num_gpus: int) -> dict[str,
     }
 
 
-def _reply(payload: dict[str, Any]) -> None:
-    sys.stdout.write(REPLY_PREFIX + json.dumps(payload) + "\n")
-    sys.stdout.flush()
+def _private_channel() -> tuple[TextIO, TextIO]:
+    """(commands, replies): this process's stdin and stdout moved to fds no child inherits.
+
+    Every process below this one inherits fds 0 and 1 (Ray's daemons, its workers and, from a TP=2
+    replica, Open MPI's orted), and orted forwards its stdin to rank 0: left on fd 0, a command
+    could be read by orted instead of this loop. Children get /dev/null and stderr instead.
+    """
+    commands = os.fdopen(os.dup(0), "r")  # os.dup: not inheritable (PEP 446)
+    replies = os.fdopen(os.dup(1), "w")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    return commands, replies
+
+
+def _reply(replies: TextIO, payload: dict[str, Any]) -> None:
+    replies.write(REPLY_PREFIX + json.dumps(payload) + "\n")
+    replies.flush()
 
 
 def _execute(command: dict[str, Any], config: dict[str, Any]) -> Any:
@@ -82,10 +97,14 @@ def _execute(command: dict[str, Any], config: dict[str, Any]) -> Any:
     op = command["op"]
     if op == "recent_requests":
         return (
-            serve.get_deployment_handle("Engine", app_name=command["app"]).recent_requests.remote().result()
+            serve.get_deployment_handle("Engine", app_name=command["app"])
+            .recent_requests.remote()
+            .result()
         )
     if op == "stats":
-        stats = serve.get_deployment_handle("Engine", app_name=command["app"]).stats.remote().result()
+        stats = (
+            serve.get_deployment_handle("Engine", app_name=command["app"]).stats.remote().result()
+        )
         return dataclasses.asdict(stats)
     if op == "deploy_tp2":
         args = app_args(config["engine_dir_tp2"], config["tokenizer_dir"], num_gpus=2)
@@ -106,8 +125,9 @@ def main() -> None:
     from deployments import build_app
 
     config = json.loads(sys.argv[1])
+    commands, replies = _private_channel()
     # Fake GPUs: the double needs none, but placement reserves num_gpus_per_replica (1 for TP=1, 2 for TP=2).
-    ray.init(
+    context = ray.init(
         address="local",
         num_cpus=4,
         num_gpus=3,
@@ -115,17 +135,22 @@ def main() -> None:
         logging_level=logging.ERROR,
         log_to_driver=False,
     )
+    # Replica logs, for a failure's post-mortem: app.log (this process's stderr) names them.
+    print(f"Ray session: {context.address_info['session_dir']}", file=sys.stderr, flush=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": config["port"]})
         args = app_args(config["engine_dir"], config["tokenizer_dir"], num_gpus=1)
         serve.run(build_app(args), name=APP, route_prefix="/")
-        _reply({"ok": True, "result": {"port": config["port"], "pid": os.getpid()}})
-        while line := sys.stdin.readline():
+        _reply(replies, {"ok": True, "result": {"port": config["port"], "pid": os.getpid()}})
+        while line := commands.readline():
             command = json.loads(line)
+            started = time.monotonic()
             try:
-                _reply({"ok": True, "result": _execute(command, config)})
+                _reply(replies, {"ok": True, "result": _execute(command, config)})
             except Exception:
-                _reply({"ok": False, "error": traceback.format_exc()})
+                _reply(replies, {"ok": False, "error": traceback.format_exc()})
+            elapsed_s = time.monotonic() - started
+            print(f"command {command['op']} took {elapsed_s:.2f}s", file=sys.stderr, flush=True)
             if command["op"] == "exit":
                 break
     finally:
@@ -136,7 +161,7 @@ def main() -> None:
         ray.shutdown()
 
 
-# ---- the pytest side ---------------------------------------------------------------------------------
+# ---- the pytest side -----------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -146,7 +171,9 @@ def _free_port() -> int:
 
 def session_pids(session_id: int) -> dict[int, str]:
     """Live (non-zombie) processes of a session, with their command lines."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True
+    ).stdout
     found = {}
     for line in out.splitlines():
         pid, sid, stat, *args = line.split(None, 3)
@@ -158,7 +185,9 @@ def session_pids(session_id: int) -> dict[int, str]:
 class Stack:
     """The subprocess: its HTTP address, its command channel and the double's record."""
 
-    def __init__(self, process: subprocess.Popen[str], port: int, record_path: Path, log_path: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[str], port: int, record_path: Path, log_path: Path
+    ) -> None:
         self.process = process
         self.base_url = f"http://127.0.0.1:{port}"
         self.record_path = record_path
@@ -179,7 +208,9 @@ class Stack:
         except queue.Empty:
             raise AssertionError(f"no reply within {timeout_s}s:\n{self.log_tail()}") from None
         if line is None:
-            raise AssertionError(f"the app subprocess exited ({self.process.poll()}):\n{self.log_tail()}")
+            raise AssertionError(
+                f"the app subprocess exited ({self.process.poll()}):\n{self.log_tail()}"
+            )
         reply = json.loads(line)
         assert reply["ok"], reply["error"]
         return reply["result"]
@@ -191,22 +222,28 @@ class Stack:
         return self.wait_reply(timeout_s)
 
     def record(self, since: int = 0) -> list[dict[str, Any]]:
-        """The double's record (enqueue, cancel, final, error events in causal order), from entry `since`."""
+        """The double's record (enqueue, cancel, final, error events in causal order), from `since`."""
         if not self.record_path.exists():
             return []
-        return [json.loads(line) for line in self.record_path.read_text().splitlines()[since:] if line]
+        return [
+            json.loads(line) for line in self.record_path.read_text().splitlines()[since:] if line
+        ]
 
     def client(self, prefix: str = "") -> Any:
         from openai import OpenAI
 
-        return OpenAI(base_url=f"{self.base_url}{prefix}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        return OpenAI(
+            base_url=f"{self.base_url}{prefix}/v1", api_key=API_KEY, max_retries=0, timeout=60
+        )
 
     def log_tail(self) -> str:
         return self.log_path.read_text()[-4000:] if self.log_path.exists() else ""
 
 
 @pytest.fixture(scope="module")
-def stack(model_dir: Path, tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    model_dir: Path, tokenizer: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     require_double(
         "the engine's vocabulary must be the embedded tokenizer's; the tests read the double's record"
     )
@@ -247,16 +284,16 @@ def stack(model_dir: Path, tokenizer: Any, tmp_path_factory: pytest.TempPathFact
         )
     app = Stack(process, port, root / "double-record.jsonl", log_path)
     # MPI daemons start their own session (orted --set-sid): find them as descendants, not by session.
-    descendants: dict[int, str] = {}
+    descendants: dict[int, Any] = {}
     try:
         ready = app.wait_reply(START_TIMEOUT_S)
         assert ready["port"] == port
         yield app
-        descendants = descendant_pids(process.pid)
+        descendants = descendant_processes(process.pid)
         app.command("exit", timeout_s=60)
         process.wait(timeout=30)
     finally:
-        descendants = descendants or descendant_pids(process.pid)
+        descendants = descendants or descendant_processes(process.pid)
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
@@ -268,35 +305,50 @@ def stack(model_dir: Path, tokenizer: Any, tmp_path_factory: pytest.TempPathFact
         deadline = time.monotonic() + 15
         while (left := session_pids(process.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        escaped = {pid: descendants[pid] for pid in wait_until_gone(descendants, timeout_s=5)}
-        _kill_pids(escaped)
+        escaped = describe(wait_until_exited(descendants, timeout_s=5))
+        for pid in escaped:
+            descendants[pid].kill()  # psutil checks the start time: never a reused pid
     # No orphans: nothing of the app's session, nor any process that ever ran below the app, still runs.
     assert not left, f"processes of the app's session still run: {left}"
     assert not escaped, f"processes outside the app's session outlived it: {escaped}"
 
 
-def descendant_pids(pid: int) -> dict[int, str]:
+def descendant_processes(pid: int) -> dict[int, Any]:
+    """The processes below `pid` now, as psutil handles (which know their start time: pids get reused)."""
     import psutil
 
     try:
-        children = psutil.Process(pid).children(recursive=True)
+        return {child.pid: child for child in psutil.Process(pid).children(recursive=True)}
     except psutil.NoSuchProcess:
         return {}
-    found = {}
-    for child in children:
-        try:
-            found[child.pid] = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-    return found
 
 
-def _kill_pids(pids: dict[int, str]) -> None:
-    for pid in pids:
+def wait_until_exited(processes: dict[int, Any], timeout_s: float) -> dict[int, Any]:
+    """Polls until none of `processes` runs (a zombie has exited); returns those still running."""
+    import psutil
+
+    def is_running(process: Any) -> bool:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while (
+        left := {pid: p for pid, p in processes.items() if is_running(p)}
+    ) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def describe(processes: dict[int, Any]) -> dict[int, str]:
+    described = {}
+    for pid, process in processes.items():
+        try:
+            described[pid] = " ".join(process.cmdline())
+        except Exception:  # gone meanwhile
+            described[pid] = "?"
+    return described
 
 
 def chat(client: Any, content: str, **kwargs: Any) -> Any:
@@ -320,7 +372,9 @@ def greedy_tokens(prompt_token_ids: list[int], num_tokens: int, vocab_size: int)
 def stream_chat(client: Any, content: str, **kwargs: Any) -> tuple[list[str], list[float], Any]:
     """(content pieces, arrival time of each, the last chunk)."""
     pieces, arrivals, last = [], [], None
-    for chunk in chat(client, content, stream=True, stream_options={"include_usage": True}, **kwargs):
+    for chunk in chat(
+        client, content, stream=True, stream_options={"include_usage": True}, **kwargs
+    ):
         last = chunk
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
@@ -387,7 +441,7 @@ def test_three_session_turns_continue_exact_tokens_and_pin_the_system_prompt(
         and view["num_tokens"] == len(prompts[-1]) + replies[-1].usage.completion_tokens
     )
 
-    # Every turn's engine Request pins the system prompt's KV blocks: tokens [0, len(system)) at priority 100.
+    # Every turn's engine Request pins the system prompt's KV blocks: [0, len(system)) at priority 100.
     system_ids = ChatTemplate(tokenizer).render(
         [{"role": "system", "content": SYSTEM_PROMPT}], add_generation_prompt=False
     )
@@ -395,7 +449,10 @@ def test_three_session_turns_continue_exact_tokens_and_pin_the_system_prompt(
     for prompt_token_ids in prompts:
         assert prompt_token_ids[: len(system_ids)] == system_ids
         retention = asked[tuple(prompt_token_ids)]["retention"]
-        assert retention == {"token_ranges": [[0, len(system_ids), 100]], "decode_retention_priority": 35}
+        assert retention == {
+            "token_ranges": [[0, len(system_ids), 100]],
+            "decode_retention_priority": 35,
+        }
 
 
 def test_client_disconnect_cancels_the_request_in_the_engine(stack: Stack) -> None:
@@ -416,15 +473,17 @@ def test_client_disconnect_cancels_the_request_in_the_engine(stack: Stack) -> No
         lines = response.iter_lines()
         for _ in range(4):
             next(lines)
-    # The connection is closed: the router cancels its engine call, the executor calls cancel_request, and
-    # the double ends the request with CANCELLED long before 1,500 tokens.
+    # The connection is closed: the router cancels its engine call, the executor calls cancel_request,
+    # and the double ends the request with CANCELLED long before 1,500 tokens.
     deadline = time.monotonic() + 20
     while True:
         record = stack.record(mark)
         asked = [e for e in record if e["event"] == "enqueue"]
         assert len(asked) == 1 and asked[0]["max_tokens"] == NUM_CANCELLED_MAX_TOKENS, asked
         events = [
-            e for e in record if e["request_id"] == asked[0]["request_id"] and e["pid"] == asked[0]["pid"]
+            e
+            for e in record
+            if e["request_id"] == asked[0]["request_id"] and e["pid"] == asked[0]["pid"]
         ]
         finals = [e for e in events if e["event"] == "final"]
         if finals:
@@ -447,30 +506,37 @@ def test_client_disconnect_cancels_the_request_in_the_engine(stack: Stack) -> No
 
 
 @pytest.mark.mpi
-def test_tp2_orchestrator_serves_over_http_and_its_mpi_workers_exit_with_the_app(stack: Stack) -> None:
+def test_tp2_orchestrator_serves_over_http_and_its_mpi_workers_exit_with_the_app(
+    stack: Stack,
+) -> None:
     require_mpi()
-    stack.command("deploy_tp2", timeout_s=90)
+    stack.command("deploy_tp2", timeout_s=150)
     prompt = "Explain tensor parallelism in one line."
     mark = len(stack.record())
     tp2 = stack.client("/tp2")
     pieces, _, _ = stream_chat(tp2, prompt)
     whole = chat(tp2, prompt)
-    assert len(pieces) >= 4 and "".join(pieces) == whole.choices[0].message.content
+    assert len(pieces) >= 3 and "".join(pieces) == whole.choices[0].message.content
     # The double's model does not depend on the layout: TP=2 replies exactly as TP=1 does.
-    assert whole.choices[0].message.content == chat(stack.client(), prompt).choices[0].message.content
+    assert (
+        whole.choices[0].message.content == chat(stack.client(), prompt).choices[0].message.content
+    )
 
     # The TP=2 replica is the orchestrator: it enqueued in its own process and spawned the two ranks.
-    pids = [e["pid"] for e in stack.record(mark) if e["event"] == "enqueue"]  # TP=2 twice, then TP=1
+    # Enqueued since `mark`: TP=2 twice, then TP=1 once.
+    pids = [e["pid"] for e in stack.record(mark) if e["event"] == "enqueue"]
     assert len(pids) == 3 and pids[0] == pids[1] != pids[2], pids
     tp2_pid = pids[0]
-    assert tp2_pid in descendant_pids(stack.process.pid)
-    mpi_processes = descendant_pids(tp2_pid)  # the MPI daemon (orted) and the ranks it started
-    workers = [cmd for cmd in mpi_processes.values() if "tensorrt_llm/bin/executorWorker" in cmd]
-    assert len(workers) == 2, mpi_processes
+    assert tp2_pid in descendant_processes(stack.process.pid)
+    mpi_processes = descendant_processes(tp2_pid)  # the MPI daemon (orted) and the ranks it started
+    workers = [
+        cmd for cmd in describe(mpi_processes).values() if "tensorrt_llm/bin/executorWorker" in cmd
+    ]
+    assert len(workers) == 2, describe(mpi_processes)
 
     stack.command("delete_tp2", timeout_s=60)
-    left = wait_until_gone(mpi_processes, timeout_s=15)
-    assert not left, f"MPI processes outlived their replica: { {pid: mpi_processes[pid] for pid in left} }"
+    left = wait_until_exited(mpi_processes, timeout_s=15)
+    assert not left, f"MPI processes outlived their replica: {describe(left)}"
 
 
 if __name__ == "__main__":
