@@ -39,15 +39,17 @@ async def _turn(client: httpx.AsyncClient, base_url: str, session_id: str, text:
         "stream": True,
     }
     start = time.perf_counter()
+    ttft: float | None = None
     async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
+        # Read to the end: the next turn may only start once this one is committed.
         async for line in response.aiter_lines():
-            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+            is_content = line.startswith("data: {") and '"content":"' in line and '"content":""' not in line
+            if ttft is None and is_content:
                 ttft = time.perf_counter() - start
-                async for _ in response.aiter_lines():
-                    pass
-                return ttft
-    raise RuntimeError("the stream carried no content")
+    if ttft is None:
+        raise RuntimeError("the stream carried no content")
+    return ttft
 
 
 async def _session(

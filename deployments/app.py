@@ -18,6 +18,9 @@ from deployments.placement import check_replica_fits
 from deployments.router import Router
 
 logger = logging.getLogger(__name__)
+# Serve admits this many requests past `router.max_ongoing_requests`, so that the router itself refuses
+# them with an OpenAI-shaped 503 and Retry-After instead of leaving them in the proxy's queue.
+_REFUSAL_HEADROOM = 64
 
 
 def resolve_model_dirs(config: AppConfig) -> tuple[str, str]:
@@ -50,7 +53,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         Router,
         name="Router",
         num_replicas=config.router.num_replicas,
-        max_ongoing_requests=config.router.max_ongoing_requests,
+        max_ongoing_requests=config.router.max_ongoing_requests + _REFUSAL_HEADROOM,
+        max_queued_requests=config.router.max_queued_requests,
         ray_actor_options={"num_cpus": config.router.num_cpus_per_replica},
     )
     return router.bind(config, engine, model_dir, tokenizer_dir)

@@ -95,6 +95,12 @@ class EngineConfig(_Strict):
     max_ongoing_requests: int = Field(
         default=256, gt=0, description="In-flight requests per replica."
     )
+    max_queued_requests: int = Field(
+        default=1024,
+        gt=0,
+        description="Requests each router replica may queue for the engine replicas while all are full; "
+        "past it, 503 with Retry-After (never an unbounded queue).",
+    )
     check_fits_at_build: bool = Field(
         default=True,
         description="Fail `build_app` when no node of the running cluster can host one replica (Serve would "
@@ -121,7 +127,30 @@ class RouterConfig(_Strict):
         default=0.5, ge=0, description="CPUs reserved per router replica."
     )
     max_ongoing_requests: int = Field(
-        default=1024, gt=0, description="In-flight HTTP requests per replica."
+        default=1024,
+        gt=0,
+        description="HTTP requests one replica works on; past it, 503 with Retry-After.",
+    )
+    max_queued_requests: int = Field(
+        default=256,
+        gt=0,
+        description="Requests Serve's proxy queues while every router replica is full.",
+    )
+    max_concurrent_requests_per_key: int | None = Field(
+        default=None,
+        gt=0,
+        description="Requests one API key may have in flight per replica; past it, 429. None: no limit.",
+    )
+    max_request_body_bytes: int = Field(
+        default=8 * 1024 * 1024, gt=0, description="Larger request bodies get 413."
+    )
+    retry_after_s: float = Field(
+        default=1.0, gt=0, description="`Retry-After` of 429 and 503 answers."
+    )
+    request_body_timeout_s: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="A request body that stops arriving this long gets 408. None: wait forever.",
     )
     default_max_tokens: int = Field(
         default=256,

@@ -9,6 +9,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments import metrics
 from deployments.config import EngineConfig
 from deployments.executors.base import Executor
 from deployments.messages import EngineCapabilities, ExecutorStats, GenerateRequest, TokenDelta
@@ -52,6 +53,10 @@ class Engine:
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         # What this replica was asked recently: lets operators and tests see prefix reuse and session routing.
         self._recent: deque[dict[str, Any]] = deque(maxlen=_NUM_RECENT_REQUESTS)
+        engine_metrics = metrics.EngineMetrics()
+        self._metrics_task = metrics.start_polling(
+            lambda: engine_metrics.update(self._executor.stats())
+        )
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Yields TokenDelta items until one has a finish reason; cancelling the call cancels the request."""
@@ -120,6 +125,7 @@ def engine_deployment(config: EngineConfig, model_dir: str) -> Any:
         name="Engine",
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
         health_check_period_s=config.health_check_period_s,
         **options,
     )

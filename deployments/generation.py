@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from deployments.detokenizer import IncrementalDetokenizer
-from deployments.errors import EngineDead, EngineError, ServingError
+from deployments.errors import EngineDead, EngineError, OverloadedError, ServingError
 from deployments.messages import FinishReason, GenerateRequest, TokenDelta
 from deployments.protocol import Usage
+
+if TYPE_CHECKING:
+    from deployments.metrics import RequestMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,9 @@ def to_serving_error(error: BaseException) -> ServingError:
     cause = getattr(error, "cause", None)
     if isinstance(cause, ServingError):
         return cause
+    if isinstance(error, BackPressureError):
+        # Serve's queue for the engine is full (engine.max_queued_requests): a 503 to retry, not a 500.
+        return OverloadedError("the engine is at capacity; retry shortly", code="engine_overloaded")
     if isinstance(error, ActorDiedError | ActorUnavailableError | RayActorError):
         return EngineDead(f"the engine replica became unavailable: {type(error).__name__}")
     return EngineError(f"the engine failed: {type(error).__name__}: {error}")
@@ -54,9 +61,11 @@ class Generation:
         *,
         stop: Sequence[str] = (),
         skip_special_tokens: bool = True,
+        observer: RequestMetrics | None = None,
     ) -> None:
         self.request = request
         self._engine = engine
+        self._observer = observer
         self._detokenizer = IncrementalDetokenizer(
             tokenizer,
             stop=stop,
@@ -95,6 +104,7 @@ class Generation:
             raise EngineError("the engine closed the stream without a result") from None
         except BaseException as error:
             self._is_done = True
+            self._finish("error")
             if isinstance(error, Exception):
                 raise to_serving_error(error) from error
             raise
@@ -118,6 +128,7 @@ class Generation:
         """Cancel the engine call unless it already finished (client gone, stop string, error)."""
         if not self._is_done and self._stream is not None:
             self._is_done = True
+            self._finish("cancelled")
             self._stream.cancel()
 
     async def _next_delta(self) -> TokenDelta | None:
@@ -128,7 +139,16 @@ class Generation:
             raise EngineError("the engine stream ended without a finish reason") from None
         except Exception as error:
             self._is_done = True
+            self._finish("error")
             raise to_serving_error(error) from error
+
+    def _finish(self, finish_reason: str) -> None:
+        if self._observer is not None:
+            self._observer.on_finish(
+                finish_reason,
+                num_prompt_tokens=self.num_prompt_tokens,
+                num_completion_tokens=self.num_completion_tokens,
+            )
 
     def take_logprobs(self) -> list[tuple[int, float]]:
         """(token id, logprob) pairs not taken yet: streamed chunks carry those of their own tokens."""
@@ -138,10 +158,13 @@ class Generation:
 
     def _consume(self, delta: TokenDelta) -> TextEvent | None:
         self.completion_token_ids.extend(delta.token_ids)
+        if self._observer is not None:
+            self._observer.on_tokens(len(delta.token_ids))
         if delta.logprobs is not None:
             self.logprobs.extend(delta.logprobs)
         text = self._detokenizer.feed(delta.token_ids)
         if self._detokenizer.is_stopped:
+            self._finish("stop")
             self.close()
             self.is_finished = self.is_stopped_by_string = True
             self.text += text
@@ -151,11 +174,13 @@ class Generation:
             text += self._detokenizer.flush()
             self.text += text
             if delta.finish_reason is FinishReason.CANCELLED:
+                self._finish("error")
                 raise EngineError("the engine cancelled the request")
             self.is_finished = True
             finish: OpenAIFinish = (
                 "length" if delta.finish_reason is FinishReason.LENGTH else "stop"
             )
+            self._finish(finish)
             return TextEvent(text, finish)
         self.text += text
         return TextEvent(text) if text else None

@@ -3,7 +3,8 @@
 `RequestGuard` is pure ASGI middleware (no Ray, no FastAPI), so it is unit-testable on its own:
 
 - a body over `max_body_bytes` gets 413, by its Content-Length before anything is read, or as soon as a
-  chunked body passes the cap;
+  chunked body passes the cap; a body that stalls for `body_timeout_s` gets 408 (a slow upload must not
+  hold a slot forever);
 - past `max_in_flight` requests on this replica: 503 `overloaded_error` with `Retry-After`;
 - past `max_in_flight_per_key` requests of one API key: 429 `rate_limit_error` with `Retry-After`.
 
@@ -14,6 +15,7 @@ as a hash. `error_response` is the single place that turns a `ServingError` into
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -49,6 +51,13 @@ class PayloadTooLarge(RequestError):
         super().__init__(message, param=param, code=code or "request_too_large")
 
 
+class RequestTimeout(RequestError):
+    status_code = 408
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, param=param, code=code or "request_timeout")
+
+
 class KeyConcurrencyExceeded(ServingError):
     """429: one API key has too many requests in flight; retry after `retry_after_s`."""
 
@@ -62,6 +71,7 @@ class LimitSettings:
     max_in_flight: int | None = None
     max_in_flight_per_key: int | None = None
     retry_after_s: float = 1.0
+    body_timeout_s: float | None = 30.0
     # Probes must answer even when the replica is full.
     exempt_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health", "/metrics"}))
 
@@ -88,7 +98,9 @@ def error_response(error: ServingError, *, retry_after_s: float = 1.0) -> Any:
 
     _count_rejection(error)
     return JSONResponse(
-        to_error_body(error), status_code=error.status_code, headers=retry_after_header(error, retry_after_s)
+        to_error_body(error),
+        status_code=error.status_code,
+        headers=retry_after_header(error, retry_after_s),
     )
 
 
@@ -97,7 +109,9 @@ async def send_error(send: Send, error: ServingError, *, retry_after_s: float = 
     _count_rejection(error)
     body = json.dumps(to_error_body(error)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in retry_after_header(error, retry_after_s).items()]
+    headers += [
+        (k.encode(), v.encode()) for k, v in retry_after_header(error, retry_after_s).items()
+    ]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -135,7 +149,11 @@ class ConcurrencyLimiter:
     """
 
     def __init__(
-        self, max_in_flight: int | None, max_in_flight_per_key: int | None, *, retry_after_s: float = 1.0
+        self,
+        max_in_flight: int | None,
+        max_in_flight_per_key: int | None,
+        *,
+        retry_after_s: float = 1.0,
     ) -> None:
         self.max_in_flight = max_in_flight
         self.max_in_flight_per_key = max_in_flight_per_key
@@ -207,7 +225,9 @@ class RequestGuard:
         settings = self.settings
         if self._limiter is None or self._limiter_settings is not settings:
             self._limiter = ConcurrencyLimiter(
-                settings.max_in_flight, settings.max_in_flight_per_key, retry_after_s=settings.retry_after_s
+                settings.max_in_flight,
+                settings.max_in_flight_per_key,
+                retry_after_s=settings.retry_after_s,
             )
             self._limiter_settings = settings
         return self._limiter
@@ -236,15 +256,27 @@ class RequestGuard:
         except ServingError as error:
             await send_error(send, error, retry_after_s=settings.retry_after_s)
             return
-        # 3) A chunked (or lying) body is counted as it arrives.
+        # 3) A chunked (or lying) body is counted as it arrives, and must keep arriving. Once it is complete,
+        # receive() only waits for the client to disconnect (streaming responses): no timeout then.
         num_bytes = 0
+        is_body_complete = False
+        timeout_s = settings.body_timeout_s
 
         async def capped_receive() -> Message:
-            nonlocal num_bytes
-            message = await receive()
-            if cap is not None and message["type"] == "http.request":
+            nonlocal num_bytes, is_body_complete
+            if is_body_complete or timeout_s is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), timeout_s)
+                except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+                    raise RequestTimeout(
+                        f"the request body did not arrive within {timeout_s:g} s"
+                    ) from None
+            if message["type"] == "http.request":
                 num_bytes += len(message.get("body", b""))
-                if num_bytes > cap:
+                is_body_complete = not message.get("more_body", False)
+                if cap is not None and num_bytes > cap:
                     raise _too_large(cap)
             return message
 
@@ -257,7 +289,7 @@ class RequestGuard:
 
         try:
             await self.app(scope, capped_receive, tracked_send)
-        except PayloadTooLarge as error:
+        except (PayloadTooLarge, RequestTimeout) as error:
             # Normally the router's ServingError handler answers; this covers apps without one.
             if is_started:
                 raise
@@ -294,7 +326,9 @@ def parse_json(raw: bytes) -> Any:
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(body) > MAX_JSON_DEPTH:
         raise _too_deep()
     if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
-        raise RequestError("the request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)")
+        raise RequestError(
+            "the request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)"
+        )
     return body
 
 
@@ -304,7 +338,8 @@ def _too_deep() -> RequestError:
 
 def _children(value: Any) -> list[Any]:
     if isinstance(value, dict):
-        return [*value.keys(), *value.values()]  # keys are strings: they matter to the surrogate check
+        # Keys are strings too: they matter to the surrogate check.
+        return [*value.keys(), *value.values()]
     if isinstance(value, list):
         return value
     return []

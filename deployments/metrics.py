@@ -20,16 +20,21 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("shepherd.access")
+# A child of Serve's logger: inside a replica its records reach Serve's handlers (the replica log file, with
+# Serve's request id; JSON when the deployment's logging_config says so) at INFO. Others default to WARNING.
+access_logger = logging.getLogger("ray.serve.shepherd.access")
 
 MetricKind = Literal["counter", "gauge", "histogram"]
 # Router latencies (TTFT, end to end) span 5 ms .. minutes; ITL spans 1 ms .. seconds (vLLM's buckets).
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
-ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
-FINISH_REASONS = ("stop", "length", "tool_calls", "error", "cancelled")
+# fmt: off
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0,
+                     40.0, 80.0)
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5,
+                 1.0, 2.5)
+# fmt: on
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -71,7 +76,9 @@ class Metric:
             try:
                 getattr(self._ray, method)(value, tags=tags or None)
             except Exception:  # never fail a request over an export problem
-                logger.exception("recording %s to Ray failed; exporting to Ray stops", self.spec.name)
+                logger.exception(
+                    "recording %s to Ray failed; exporting to Ray stops", self.spec.name
+                )
                 self._ray = None
 
     def _create(self) -> None:
@@ -89,7 +96,8 @@ class _Registry:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.generation = 0
-        self.export_to_ray: bool | None = None  # None: when Ray is initialised (always, in a replica)
+        # None: export when Ray is initialised (always, in a replica).
+        self.export_to_ray: bool | None = None
         self._local: Any = None
 
     @property
@@ -98,14 +106,16 @@ class _Registry:
             import prometheus_client
 
             # `*_created` series only repeat process start times here; drop them (process-wide setting).
-            prometheus_client.disable_created_metrics()
+            prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
             self._local = prometheus_client.CollectorRegistry(auto_describe=True)
         return self._local
 
     def local_metric(self, spec: MetricSpec) -> Any:
         import prometheus_client
 
-        cls = {"counter": prometheus_client.Counter, "gauge": prometheus_client.Gauge}.get(spec.kind)
+        cls = {"counter": prometheus_client.Counter, "gauge": prometheus_client.Gauge}.get(
+            spec.kind
+        )
         kwargs: dict[str, Any] = {"labelnames": spec.tag_keys, "registry": self.local}
         if cls is None:
             cls, kwargs["buckets"] = prometheus_client.Histogram, spec.buckets
@@ -122,12 +132,17 @@ class _Registry:
         try:
             from ray.serve import metrics as serve_metrics
 
+            # Ray annotates tag_keys as `Tuple[str]` (one element) but takes any tuple of names.
+            tag_keys = cast("tuple[str]", spec.tag_keys)
             if spec.kind == "histogram":
                 return serve_metrics.Histogram(
-                    spec.name, description=spec.description, boundaries=list(spec.buckets), tag_keys=spec.tag_keys
+                    spec.name,
+                    description=spec.description,
+                    boundaries=list(spec.buckets),
+                    tag_keys=tag_keys,
                 )
             cls = serve_metrics.Counter if spec.kind == "counter" else serve_metrics.Gauge
-            return cls(spec.name, description=spec.description, tag_keys=spec.tag_keys)
+            return cls(spec.name, description=spec.description, tag_keys=tag_keys)
         except Exception:
             logger.exception("cannot create the Ray metric %s; it is only in /metrics", spec.name)
             return None
@@ -164,39 +179,76 @@ def _histogram(name: str, description: str, buckets: tuple[float, ...], *tag_key
 
 
 # ---- router: HTTP requests, generations, sessions --------------------------------------------------------
-REQUESTS = _counter("shepherd_requests_total", "HTTP requests by route template and status code.", "route", "status")
+REQUESTS = _counter(
+    "shepherd_requests_total", "HTTP requests by route template and status code.", "route", "status"
+)
 REJECTIONS = _counter(
     "shepherd_rejected_requests_total",
     "Requests refused: body_too_large, replica_full, key_limit, engine_full, engine_unavailable.",
     "reason",
 )
 FINISHES = _counter(
-    "shepherd_request_finish_total", "Generations by how they ended (finish reason).", "route", "finish_reason"
+    "shepherd_request_finish_total",
+    "Generations by how they ended (finish reason).",
+    "route",
+    "finish_reason",
 )
 TTFT = _histogram(
-    "shepherd_time_to_first_token_seconds", "Arrival to first token (router side).", LATENCY_BUCKETS_S, "route"
+    "shepherd_time_to_first_token_seconds",
+    "Arrival to first token (router side).",
+    LATENCY_BUCKETS_S,
+    "route",
 )
 ITL = _histogram(
-    "shepherd_inter_token_latency_seconds", "Time per output token after the first.", ITL_BUCKETS_S, "route"
+    "shepherd_inter_token_latency_seconds",
+    "Time per output token after the first.",
+    ITL_BUCKETS_S,
+    "route",
 )
-E2E = _histogram("shepherd_e2e_latency_seconds", "Arrival to last token of a generation.", LATENCY_BUCKETS_S, "route")
-PROMPT_TOKENS = _counter("shepherd_prompt_tokens_total", "Prompt tokens of finished generations.", "route")
+E2E = _histogram(
+    "shepherd_e2e_latency_seconds",
+    "Arrival to last token of a generation.",
+    LATENCY_BUCKETS_S,
+    "route",
+)
+PROMPT_TOKENS = _counter(
+    "shepherd_prompt_tokens_total", "Prompt tokens of finished generations.", "route"
+)
 COMPLETION_TOKENS = _counter("shepherd_completion_tokens_total", "Tokens generated.", "route")
-IN_FLIGHT = _gauge("shepherd_requests_in_flight", "HTTP requests this router replica is working on.")
-ACTIVE_SESSIONS = _gauge("shepherd_active_sessions", "Sessions with a turn in progress on this router replica.")
-SESSION_TURNS = _counter("shepherd_session_turns_total", "Session turns by outcome: committed, aborted.", "outcome")
-EVICTED_MESSAGES = _counter("shepherd_session_evicted_messages_total", "Messages evicted to fit the context window.")
+IN_FLIGHT = _gauge(
+    "shepherd_requests_in_flight", "HTTP requests this router replica is working on."
+)
+ACTIVE_SESSIONS = _gauge(
+    "shepherd_active_sessions", "Sessions with a turn in progress on this router replica."
+)
+SESSION_TURNS = _counter(
+    "shepherd_session_turns_total", "Session turns by outcome: committed, aborted.", "outcome"
+)
+EVICTED_MESSAGES = _counter(
+    "shepherd_session_evicted_messages_total", "Messages evicted to fit the context window."
+)
 TEMPLATE_BREAKS = _counter(
-    "shepherd_session_template_breaks_total", "Turns whose re-rendered history no longer began with the stored prompt."
+    "shepherd_session_template_breaks_total",
+    "Turns whose re-rendered history no longer began with the stored prompt.",
 )
 
 # ---- engine: executor statistics ---------------------------------------------------------------------
-ENGINE_ACTIVE = _gauge("shepherd_engine_active_requests", "Requests the executor is running or holding.")
-ENGINE_QUEUED = _gauge("shepherd_engine_queued_requests", "Requests waiting in the executor's queue.")
-ENGINE_KV_USAGE = _gauge("shepherd_engine_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.")
-ENGINE_PREFIX_HIT = _gauge("shepherd_engine_prefix_cache_hit_rate", "Prefix (KV block reuse) hit rate.")
+ENGINE_ACTIVE = _gauge(
+    "shepherd_engine_active_requests", "Requests the executor is running or holding."
+)
+ENGINE_QUEUED = _gauge(
+    "shepherd_engine_queued_requests", "Requests waiting in the executor's queue."
+)
+ENGINE_KV_USAGE = _gauge(
+    "shepherd_engine_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use."
+)
+ENGINE_PREFIX_HIT = _gauge(
+    "shepherd_engine_prefix_cache_hit_rate", "Prefix (KV block reuse) hit rate."
+)
 ENGINE_REQUESTS = _counter(
-    "shepherd_engine_requests_total", "Executor requests by event: submitted, finished, cancelled.", "event"
+    "shepherd_engine_requests_total",
+    "Executor requests by event: submitted, finished, cancelled.",
+    "event",
 )
 ENGINE_TOKENS = _counter("shepherd_engine_generated_tokens_total", "Tokens the executor generated.")
 
@@ -238,7 +290,9 @@ class RequestRecord:
         return fields
 
 
-_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("shepherd_request", default=None)
+_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
+    "shepherd_request", default=None
+)
 
 
 def current_request() -> RequestRecord | None:
@@ -273,10 +327,6 @@ class RequestMetrics:
             if self._record is not None:
                 self._record.session_id = session_id
 
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self._record is None else self._record.ttft_s
-
     def on_tokens(self, num_tokens: int) -> None:
         if num_tokens <= 0 or self._finished:
             return
@@ -292,7 +342,9 @@ class RequestMetrics:
             ITL.observe((now - self._last_token_at) / num_tokens, tags)
         self._last_token_at = now
 
-    def on_finish(self, finish_reason: str, *, num_prompt_tokens: int, num_completion_tokens: int) -> None:
+    def on_finish(
+        self, finish_reason: str, *, num_prompt_tokens: int, num_completion_tokens: int
+    ) -> None:
         if self._finished:
             return
         self._finished = True
@@ -398,8 +450,12 @@ class SessionMetrics:
 
     def update(self, counters: Mapping[str, int]) -> None:
         d = self._deltas.delta
-        SESSION_TURNS.inc(d("committed", counters.get("num_committed_turns", 0)), {"outcome": "committed"})
-        SESSION_TURNS.inc(d("aborted", counters.get("num_aborted_turns", 0)), {"outcome": "aborted"})
+        SESSION_TURNS.inc(
+            d("committed", counters.get("num_committed_turns", 0)), {"outcome": "committed"}
+        )
+        SESSION_TURNS.inc(
+            d("aborted", counters.get("num_aborted_turns", 0)), {"outcome": "aborted"}
+        )
         EVICTED_MESSAGES.inc(d("evicted", counters.get("num_evicted_messages", 0)))
         TEMPLATE_BREAKS.inc(d("breaks", counters.get("num_template_breaks", 0)))
 
@@ -435,7 +491,15 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 _KNOWN_PATHS = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/sessions", "/health", "/metrics", "/openapi.json"}
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/sessions",
+        "/health",
+        "/metrics",
+        "/openapi.json",
+    }
 )
 
 
@@ -467,7 +531,9 @@ class RequestObserver:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        record = RequestRecord(request_id_from(scope.get("headers", [])), scope.get("method", ""), "")
+        record = RequestRecord(
+            request_id_from(scope.get("headers", [])), scope.get("method", ""), ""
+        )
         token = _current.set(record)
         requests_in_flight.add(1)
 
@@ -478,6 +544,9 @@ class RequestObserver:
 
         try:
             await self.app(scope, receive, observed_send)
+        except asyncio.CancelledError:
+            record.status = record.status or 499  # the client left before any answer
+            raise
         except BaseException:
             record.status = record.status or 500
             raise

@@ -108,7 +108,7 @@ class _SamplingFields(StrictRequest):
     max_tokens: int | None = Field(default=None, gt=0)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -121,7 +121,7 @@ class _SamplingFields(StrictRequest):
     service_tier: str | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM-compatible extras (the OpenAI client sends them through `extra_body`).
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = Field(default=False, description="Generate max_tokens, ignoring end tokens.")

@@ -6,7 +6,6 @@ No `from __future__ import annotations` here: FastAPI must resolve the `Request`
 import asyncio
 import hashlib
 import itertools
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
-from deployments import responses, sse
+from deployments import limits, metrics, responses, sse
 from deployments.auth import ApiKeys
 from deployments.config import AppConfig
 from deployments.errors import NotFoundError, RequestError, ServingError, to_error_body
@@ -50,12 +49,16 @@ from deployments.tool_parsers import get_tool_parser
 logger = logging.getLogger(__name__)
 
 api = FastAPI(title="Shepherd Serve", docs_url=None, redoc_url=None)
+# Added last = outermost: the observer also counts and logs the guard's 413/429/503 answers.
+api.add_middleware(limits.RequestGuard)
+api.add_middleware(metrics.RequestObserver)
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 @api.exception_handler(ServingError)
 async def _serving_error(_: Request, error: ServingError) -> JSONResponse:
-    return JSONResponse(to_error_body(error), status_code=error.status_code)
+    response: JSONResponse = limits.error_response(error)  # adds Retry-After to 429/503
+    return response
 
 
 def parse_request(model: type[RequestT], body: Any) -> RequestT:
@@ -92,10 +95,7 @@ async def read_json(request: Request) -> Any:
     raw = await request.body()
     if not raw and request.method == "POST":
         return {}
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RequestError(f"the request body is not valid JSON: {error}") from None
+    return limits.parse_json(raw)
 
 
 async def sse_stream(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
@@ -242,11 +242,31 @@ class Router:
             max_sessions_per_owner=sessions.max_sessions_per_owner,
             turn_timeout_s=sessions.turn_timeout_s,
         )
+        router = config.router
+        limits.RequestGuard.configure(
+            limits.LimitSettings(
+                max_body_bytes=router.max_request_body_bytes,
+                max_in_flight=router.max_ongoing_requests,
+                max_in_flight_per_key=router.max_concurrent_requests_per_key,
+                retry_after_s=router.retry_after_s,
+                body_timeout_s=router.request_body_timeout_s,
+            )
+        )
+        session_metrics = metrics.SessionMetrics()
+        self._metrics_task = metrics.start_polling(
+            lambda: session_metrics.update(asdict(self._sessions.counters))
+        )
 
     # ---- HTTP: OpenAI routes --------------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> Response:
         return Response(status_code=200)
+
+    @api.get("/metrics")
+    async def http_metrics(self) -> Response:
+        """This replica's own series (Prometheus text); all replicas' are on Ray's metrics endpoint."""
+        content, content_type = metrics.render_summary()
+        return Response(content, headers={"content-type": content_type})
 
     @api.get("/v1/models")
     async def http_models(self, request: Request) -> ModelList:
@@ -532,6 +552,8 @@ class Router:
         """n engine requests for one prompt, started together; if one fails to start, the others are cancelled.
         Engine request ids are the response id, suffixed by the choice index when there are several."""
         generations = []
+        is_chat = isinstance(body, ChatCompletionRequest)
+        route = "/v1/chat/completions" if is_chat else "/v1/completions"
         for i in range(first_index, first_index + n):
             request = self._prompts.generate_request(
                 f"{request_id}-{i}" if (n > 1 or i) else request_id,
@@ -548,6 +570,7 @@ class Router:
                     self._tokenizer,
                     stop=body.stop_strings(),
                     skip_special_tokens=skip_special_tokens,
+                    observer=metrics.RequestMetrics(route, session_id=session_id),
                 )
             )
         try:

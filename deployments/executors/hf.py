@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deployments.config import TransformersEngineConfig
-from deployments.errors import EngineError
+from deployments.errors import EngineDead, EngineError
 from deployments.executors.base import Executor, StopSequenceMatcher
 from deployments.messages import (
     EngineCapabilities,
@@ -49,7 +49,8 @@ def sampling_kwargs(request: GenerateRequest, vocab_size: int) -> dict[str, Any]
         return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
     return {
         "temperature": float(sampling.temperature),
-        "top_k": int(sampling.top_k) if sampling.top_k > 0 else vocab_size,
+        # Clamped: a top_k past the vocabulary means all of it, and one past int64 killed the CB thread.
+        "top_k": min(int(sampling.top_k), vocab_size) if sampling.top_k > 0 else vocab_size,
         "top_p": float(sampling.top_p),
     }
 
@@ -150,6 +151,10 @@ class TransformersExecutor(Executor):
         )
         if accepted is None:
             self._forget(request_id)
+            if not manager.is_running():
+                # The CB thread died: 503 now; check_health fails, and Serve replaces the replica.
+                self._mark_dead("the continuous batching thread stopped")
+                raise EngineDead("the transformers engine stopped")
             raise EngineError("the transformers engine refused the request (it is stopping)")
 
     def _cancel(self, request_id: str) -> None:

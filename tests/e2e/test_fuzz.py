@@ -34,8 +34,9 @@ ROUTES: dict[tuple[str, str], tuple[int, int]] = {
     ("POST", "/tokenize"): (70, 70),
     ("POST", "/detokenize"): (50, 50),
     ("POST", "/v1/sessions"): (50, 50),
-    ("GET", "/v1/sessions/{session_id}"): (40, 40),
-    ("DELETE", "/v1/sessions/{session_id}"): (40, 40),
+    # A path parameter is any string: there is no negative case to generate for it.
+    ("GET", "/v1/sessions/{session_id}"): (80, 0),
+    ("DELETE", "/v1/sessions/{session_id}"): (80, 0),
     ("GET", "/v1/models"): (5, 0),
     ("GET", "/health"): (5, 0),
     ("GET", "/metrics"): (5, 0),
@@ -83,16 +84,22 @@ def with_bodies(served: dict[str, Any], *, positive: bool) -> dict[str, Any]:
         operation = schema["paths"].get(path, {}).get("post")
         if operation is None or "requestBody" in operation:
             continue
-        body = getattr(protocol, model_name).model_json_schema(ref_template="#/components/schemas/{model}")
+        body = getattr(protocol, model_name).model_json_schema(
+            ref_template="#/components/schemas/{model}"
+        )
         components.update(body.pop("$defs", {}))
         if positive and "model" in body.get("properties", {}):
-            body["properties"].update({k: v for k, v in POSITIVE_BOUNDS.items() if k in body["properties"]})
+            body["properties"].update(
+                {k: v for k, v in POSITIVE_BOUNDS.items() if k in body["properties"]}
+            )
             if "max_tokens" in body["properties"]:
                 body["required"] = sorted({*body.get("required", []), "max_tokens"})
         components[model_name] = body
         operation["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model_name}"}}},
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model_name}"}}
+            },
         }
     return schema
 
@@ -102,7 +109,9 @@ def schemas(served_schema: dict[str, Any]) -> dict[str, Any]:
     import schemathesis
 
     return {
-        mode: schemathesis.openapi.from_dict(with_bodies(served_schema, positive=mode == "positive"))
+        mode: schemathesis.openapi.from_dict(
+            with_bodies(served_schema, positive=mode == "positive")
+        )
         for mode in ("positive", "negative")
     }
 
@@ -117,7 +126,9 @@ def is_openai_error(response: Any) -> bool:
 
 # ---- generated cases --------------------------------------------------------------------------------------
 def test_every_route_of_the_schema_is_fuzzed(served_schema: dict[str, Any]) -> None:
-    served = {(method.upper(), path) for path, ops in served_schema["paths"].items() for method in ops}
+    served = {
+        (method.upper(), path) for path, ops in served_schema["paths"].items() for method in ops
+    }
     assert served <= set(ROUTES), f"add to ROUTES: {sorted(served - set(ROUTES))}"
 
 
@@ -125,6 +136,7 @@ def test_every_route_of_the_schema_is_fuzzed(served_schema: dict[str, Any]) -> N
 def test_generated_requests_never_get_a_5xx_or_hang(
     schemas: dict[str, Any], served_schema: dict[str, Any], target: str, method: str, path: str
 ) -> None:
+    import requests  # schemathesis's transport
     from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis import GenerationMode
 
@@ -132,7 +144,7 @@ def test_generated_requests_never_get_a_5xx_or_hang(
         pytest.skip(f"{method} {path} is not in this server's schema")
     failures: list[str] = []
     label = f"{method} {path}"
-    session = __import__("requests").Session()
+    session = requests.Session()
     for mode, max_examples in zip(("positive", "negative"), ROUTES[(method, path)], strict=True):
         if max_examples == 0:
             continue
@@ -144,7 +156,8 @@ def test_generated_requests_never_get_a_5xx_or_hang(
             derandomize=True,
             database=None,
             deadline=None,
-            phases=[Phase.explicit, Phase.generate],  # no shrinking: every failure is collected below
+            # No shrinking: every failure is collected below, with its curl command.
+            phases=[Phase.explicit, Phase.generate],
             suppress_health_check=list(HealthCheck),
         )
         @given(case=strategy)
@@ -152,13 +165,17 @@ def test_generated_requests_never_get_a_5xx_or_hang(
             executed[label] = executed.get(label, 0) + 1
             started = time.monotonic()
             try:
-                response = case.call(base_url=target, session=session, headers=AUTH, timeout=REQUEST_TIMEOUT_S)
+                response = case.call(
+                    base_url=target, session=session, headers=AUTH, timeout=REQUEST_TIMEOUT_S
+                )
             except Exception as error:  # a timeout or a dropped connection is a failure too
                 failures.append(f"{type(error).__name__}: {error}\n  {case.as_curl_command()}")
                 return
             elapsed = time.monotonic() - started
             if response.status_code >= 500:
-                failures.append(f"{response.status_code} {response.text[:300]}\n  {case.as_curl_command()}")
+                failures.append(
+                    f"{response.status_code} {response.text[:300]}\n  {case.as_curl_command()}"
+                )
             elif method == "POST" and response.status_code >= 400 and not is_openai_error(response):
                 failures.append(f"not OpenAI-shaped: {response.status_code} {response.text[:300]}")
             elif elapsed > REQUEST_TIMEOUT_S:
@@ -172,31 +189,47 @@ def test_zz_at_least_1000_cases_ran_and_the_server_still_serves(target: str) -> 
     if len(executed) < len(ROUTES) - 1:  # /metrics may be absent
         pytest.skip("only part of the fuzz ran (a -k selection)")
     total = sum(executed.values())
+    print(f"fuzz: {total} generated cases", json.dumps(executed))
     assert total >= MIN_TOTAL_CASES, executed
     assert_still_serving(target)
 
 
 def assert_still_serving(base_url: str) -> None:
-    assert httpx.get(f"{base_url}/v1/models", headers=AUTH, timeout=REQUEST_TIMEOUT_S).status_code == 200
+    assert (
+        httpx.get(f"{base_url}/v1/models", headers=AUTH, timeout=REQUEST_TIMEOUT_S).status_code
+        == 200
+    )
     body = {"model": MODEL, "messages": OK_MESSAGES, "max_tokens": 4}
-    reply = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=REQUEST_TIMEOUT_S)
+    reply = httpx.post(
+        f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=REQUEST_TIMEOUT_S
+    )
     assert reply.status_code == 200, reply.text
     with httpx.stream(
-        "POST", f"{base_url}/v1/chat/completions", json={**body, "stream": True}, headers=AUTH, timeout=30
+        "POST",
+        f"{base_url}/v1/chat/completions",
+        json={**body, "stream": True},
+        headers=AUTH,
+        timeout=30,
     ) as stream:
         lines = [line for line in stream.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
 
 
 # ---- hand-written cases -----------------------------------------------------------------------------------
-def post_raw(base_url: str, path: str, content: bytes, content_type: str = "application/json") -> httpx.Response:
+def post_raw(
+    base_url: str, path: str, content: bytes, content_type: str = "application/json"
+) -> httpx.Response:
     headers = {**AUTH, "content-type": content_type}
-    return httpx.post(f"{base_url}{path}", content=content, headers=headers, timeout=REQUEST_TIMEOUT_S)
+    return httpx.post(
+        f"{base_url}{path}", content=content, headers=headers, timeout=REQUEST_TIMEOUT_S
+    )
 
 
 def chat_bytes(**overrides: Any) -> bytes:
     # json.dumps escapes lone surrogates as "\udXXX", exactly what a buggy client puts on the wire.
-    return json.dumps({"model": MODEL, "messages": OK_MESSAGES, "max_tokens": 2, **overrides}).encode()
+    return json.dumps(
+        {"model": MODEL, "messages": OK_MESSAGES, "max_tokens": 2, **overrides}
+    ).encode()
 
 
 def deep(levels: int) -> Any:
@@ -208,39 +241,117 @@ def deep(levels: int) -> Any:
 
 BAD_BODIES: list[tuple[str, str, bytes, str]] = [
     ("deeply nested array", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, "deeper"),
-    ("deeply nested object", "/v1/chat/completions", b'{"a":' * 5000 + b"1" + b"}" * 5000, "deeper"),
-    ("deep tools", "/v1/chat/completions", chat_bytes(tools=[{"type": "function", "x": deep(500)}]), "deeper"),
-    ("deep session tools", "/v1/sessions", json.dumps({"tools": [{"x": deep(900)}]}).encode(), "deeper"),
-    ("invalid UTF-8", "/v1/chat/completions", b'{"model": "x", "messages": [{"content": "\xff\xfe"}]}', "JSON"),
+    (
+        "deeply nested object",
+        "/v1/chat/completions",
+        b'{"a":' * 5000 + b"1" + b"}" * 5000,
+        "deeper",
+    ),
+    (
+        "deep tools",
+        "/v1/chat/completions",
+        chat_bytes(tools=[{"type": "function", "x": deep(500)}]),
+        "deeper",
+    ),
+    (
+        "deep session tools",
+        "/v1/sessions",
+        json.dumps({"tools": [{"x": deep(900)}]}).encode(),
+        "deeper",
+    ),
+    (
+        "invalid UTF-8",
+        "/v1/chat/completions",
+        b'{"model": "x", "messages": [{"content": "\xff\xfe"}]}',
+        "JSON",
+    ),
     ("truncated JSON", "/v1/completions", b'{"model": "shepherd-tiny", "prompt": "a', "JSON"),
-    ("lone surrogate in a message", "/v1/chat/completions", chat_bytes(messages=[{"role": "user", "content": "\ud800"}]), "surrogate"),
-    ("lone surrogate in a prompt", "/v1/completions", json.dumps({"model": MODEL, "prompt": "a\udfff"}).encode(), "surrogate"),
-    ("lone surrogate in a stop string", "/v1/chat/completions", chat_bytes(stop=["\udc00"]), "surrogate"),
-    ("lone surrogate in session metadata", "/v1/sessions", json.dumps({"metadata": {"k": "\ud800"}}).encode(), "surrogate"),
-    ("lone surrogate in a system prompt", "/v1/sessions", json.dumps({"system_prompt": "\ud800"}).encode(), "surrogate"),
-    ("NaN temperature", "/v1/chat/completions", chat_bytes().replace(b'"max_tokens"', b'"temperature": NaN, "max_tokens"'), "temperature"),
-    ("Infinity penalty", "/v1/chat/completions", chat_bytes().replace(b'"max_tokens"', b'"presence_penalty": Infinity, "max_tokens"'), "presence_penalty"),
+    (
+        "lone surrogate in a message",
+        "/v1/chat/completions",
+        chat_bytes(messages=[{"role": "user", "content": "\ud800"}]),
+        "surrogate",
+    ),
+    (
+        "lone surrogate in a prompt",
+        "/v1/completions",
+        json.dumps({"model": MODEL, "prompt": "a\udfff"}).encode(),
+        "surrogate",
+    ),
+    (
+        "lone surrogate in a stop string",
+        "/v1/chat/completions",
+        chat_bytes(stop=["\udc00"]),
+        "surrogate",
+    ),
+    (
+        "lone surrogate in session metadata",
+        "/v1/sessions",
+        json.dumps({"metadata": {"k": "\ud800"}}).encode(),
+        "surrogate",
+    ),
+    (
+        "lone surrogate in a system prompt",
+        "/v1/sessions",
+        json.dumps({"system_prompt": "\ud800"}).encode(),
+        "surrogate",
+    ),
+    (
+        "NaN temperature",
+        "/v1/chat/completions",
+        chat_bytes().replace(b'"max_tokens"', b'"temperature": NaN, "max_tokens"'),
+        "temperature",
+    ),
+    (
+        "Infinity penalty",
+        "/v1/chat/completions",
+        chat_bytes().replace(b'"max_tokens"', b'"presence_penalty": Infinity, "max_tokens"'),
+        "presence_penalty",
+    ),
     ("negative max_tokens", "/v1/chat/completions", chat_bytes(max_tokens=-1), "max_tokens"),
     ("huge max_tokens", "/v1/chat/completions", chat_bytes(max_tokens=10**30), "max_tokens"),
-    ("huge max_completion_tokens", "/v1/chat/completions", chat_bytes(max_completion_tokens=10**30), "max_tokens"),
+    (
+        "huge max_completion_tokens",
+        "/v1/chat/completions",
+        chat_bytes(max_completion_tokens=10**30),
+        "max_tokens",
+    ),
     ("huge top_k", "/v1/chat/completions", chat_bytes(top_k=10**30), "top_k"),
     ("top_k past int64", "/v1/chat/completions", chat_bytes(top_k=2**63), "top_k"),
     ("huge temperature", "/v1/chat/completions", chat_bytes(temperature=1e308), "temperature"),
     ("huge n", "/v1/chat/completions", chat_bytes(n=10**9), "n"),
-    ("huge token id", "/v1/completions", json.dumps({"model": MODEL, "prompt": [2**70]}).encode(), "prompt"),
-    ("negative token id", "/v1/completions", json.dumps({"model": MODEL, "prompt": [-1]}).encode(), "prompt"),
+    (
+        "huge token id",
+        "/v1/completions",
+        json.dumps({"model": MODEL, "prompt": [2**70]}).encode(),
+        "prompt",
+    ),
+    (
+        "negative token id",
+        "/v1/completions",
+        json.dumps({"model": MODEL, "prompt": [-1]}).encode(),
+        "prompt",
+    ),
     ("a number as the session id", "/v1/chat/completions", chat_bytes(session_id=5), "session_id"),
     ("form-encoded body", "/v1/chat/completions", b"model=shepherd-tiny&messages=hi", "JSON"),
     ("a JSON array body", "/v1/completions", b"[1, 2, 3]", "object"),
 ]
 
 
-@pytest.mark.parametrize(("name", "path", "content", "mentions"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
-def test_bad_body_is_a_clear_400(target: str, name: str, path: str, content: bytes, mentions: str) -> None:
-    content_type = "application/x-www-form-urlencoded" if name == "form-encoded body" else "application/json"
+@pytest.mark.parametrize(
+    ("name", "path", "content", "mentions"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES]
+)
+def test_bad_body_is_a_clear_400(
+    target: str, name: str, path: str, content: bytes, mentions: str
+) -> None:
+    content_type = (
+        "application/x-www-form-urlencoded" if name == "form-encoded body" else "application/json"
+    )
     response = post_raw(target, path, content, content_type)
     assert response.status_code == 400, response.text[:500]
-    assert is_openai_error(response) and mentions in response.json()["error"]["message"], response.text[:500]
+    assert is_openai_error(response) and mentions in response.json()["error"]["message"], (
+        response.text[:500]
+    )
 
 
 def test_body_over_the_size_cap_is_a_413_before_it_is_read(target: str) -> None:
@@ -258,7 +369,10 @@ def test_json_with_a_wrong_content_type_is_read_as_json(target: str) -> None:
     assert response.status_code == 200, response.text[:300]
 
 
-@pytest.mark.parametrize("session_id", ["sess_not_ours_" + "x" * 20, "x" * 10_000, "../../etc/passwd", "' OR 1=1 --", "%00"])
+@pytest.mark.parametrize(
+    "session_id",
+    ["sess_not_ours_" + "x" * 20, "x" * 10_000, "../../etc/passwd", "' OR 1=1 --", "%00"],
+)
 def test_session_ids_that_are_not_ours_are_404(target: str, session_id: str) -> None:
     chat = httpx.post(
         f"{target}/v1/chat/completions",
@@ -266,7 +380,9 @@ def test_session_ids_that_are_not_ours_are_404(target: str, session_id: str) -> 
         headers=AUTH,
         timeout=REQUEST_TIMEOUT_S,
     )
-    assert chat.status_code == 404 and chat.json()["error"]["code"] == "session_not_found", chat.text[:300]
+    assert chat.status_code == 404 and chat.json()["error"]["code"] == "session_not_found", (
+        chat.text[:300]
+    )
     by_header = httpx.post(
         f"{target}/v1/chat/completions",
         json={"model": MODEL, "messages": OK_MESSAGES, "max_tokens": 2},
@@ -292,7 +408,29 @@ def test_a_stalled_upload_does_not_hold_the_server(target: str) -> None:
         assert_still_serving(target)
 
 
+def test_cors_is_off_by_default(target: str) -> None:
+    origin = {"origin": "https://evil.example"}
+    preflight = httpx.options(
+        f"{target}/v1/chat/completions",
+        headers={**origin, "access-control-request-method": "POST"},
+        timeout=REQUEST_TIMEOUT_S,
+    )
+    simple = httpx.get(f"{target}/v1/models", headers={**AUTH, **origin}, timeout=REQUEST_TIMEOUT_S)
+    for response in (preflight, simple):
+        assert response.status_code < 500
+        assert not any(h.startswith("access-control-") for h in response.headers), response.headers
+
+
 @pytest.fixture(scope="module", autouse=True)
 def still_serving_after_the_module(target: str) -> Iterator[None]:
+    """Later modules share the app: wait (bounded) until it serves, should a case have broken it."""
     yield
-    assert_still_serving(target)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            assert_still_serving(target)
+            return
+        except (AssertionError, httpx.HTTPError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)

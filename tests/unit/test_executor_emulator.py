@@ -26,7 +26,10 @@ def request(
     request_id: str, max_tokens: int = 8, prompt: list[int] | None = None, **kwargs: Any
 ) -> GenerateRequest:
     return GenerateRequest(
-        request_id=request_id, prompt_token_ids=prompt or [10, 11, 12], max_tokens=max_tokens, **kwargs
+        request_id=request_id,
+        prompt_token_ids=prompt or [10, 11, 12],
+        max_tokens=max_tokens,
+        **kwargs,
     )
 
 
@@ -34,7 +37,9 @@ async def collect(stream: AsyncIterator[TokenDelta]) -> list[TokenDelta]:
     return [delta async for delta in stream]
 
 
-def run(model_dir: Path, config: EmulatorConfig, body: Callable[[EmulatorExecutor], Awaitable[T]]) -> T:
+def run(
+    model_dir: Path, config: EmulatorConfig, body: Callable[[EmulatorExecutor], Awaitable[T]]
+) -> T:
     async def main() -> T:
         executor = EmulatorExecutor(config, str(model_dir))
         await executor.start()
@@ -51,8 +56,12 @@ def token_ids_of(deltas: list[TokenDelta]) -> list[int]:
 
 
 @pytest.mark.parametrize("config", [FAST, STEPPING], ids=["one-step", "stepping"])
-def test_emits_exactly_max_tokens_then_finishes_with_length(model_dir: Path, config: EmulatorConfig) -> None:
-    deltas = run(model_dir, config, lambda executor: collect(executor.generate(request("r", max_tokens=17))))
+def test_emits_exactly_max_tokens_then_finishes_with_length(
+    model_dir: Path, config: EmulatorConfig
+) -> None:
+    deltas = run(
+        model_dir, config, lambda executor: collect(executor.generate(request("r", max_tokens=17)))
+    )
 
     assert len(token_ids_of(deltas)) == 17
     assert deltas[-1].finish_reason is FinishReason.LENGTH
@@ -61,14 +70,20 @@ def test_emits_exactly_max_tokens_then_finishes_with_length(model_dir: Path, con
 
 
 def test_stepping_engine_streams_tokens_in_several_deltas(model_dir: Path) -> None:
-    deltas = run(model_dir, STEPPING, lambda executor: collect(executor.generate(request("r", max_tokens=5))))
+    deltas = run(
+        model_dir, STEPPING, lambda executor: collect(executor.generate(request("r", max_tokens=5)))
+    )
 
     assert len(deltas) > 1
     assert len(token_ids_of(deltas)) == 5
 
 
-def test_token_ids_decode_to_visible_words_of_the_vocabulary(model_dir: Path, tokenizer: Any) -> None:
-    deltas = run(model_dir, FAST, lambda executor: collect(executor.generate(request("r", max_tokens=64))))
+def test_token_ids_decode_to_visible_words_of_the_vocabulary(
+    model_dir: Path, tokenizer: Any
+) -> None:
+    deltas = run(
+        model_dir, FAST, lambda executor: collect(executor.generate(request("r", max_tokens=64)))
+    )
     token_ids = token_ids_of(deltas)
 
     assert all(0 <= token_id < read_vocab_size(model_dir) for token_id in token_ids)

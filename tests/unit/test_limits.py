@@ -24,7 +24,9 @@ AUTH_A = [(b"authorization", b"Bearer key-a")]
 AUTH_B = [(b"authorization", b"Bearer key-b")]
 
 
-def http_scope(path: str = "/v1/chat/completions", headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+def http_scope(
+    path: str = "/v1/chat/completions", headers: list[tuple[bytes, bytes]] | None = None
+) -> dict[str, Any]:
     return {"type": "http", "method": "POST", "path": path, "headers": headers or []}
 
 
@@ -50,7 +52,10 @@ class EchoApp:
         await send({"type": "http.response.body", "body": payload})
 
 
-async def call(app: Any, scope: dict[str, Any], chunks: list[bytes] | None = None) -> tuple[int, dict[str, str], Any]:
+async def call(
+    app: Any, scope: dict[str, Any], chunks: list[bytes] | None = None, *, stall: bool = False
+) -> tuple[int, dict[str, str], Any]:
+    """Sends `chunks` as the body (`stall`: the last one says more follows, and nothing does)."""
     pending = list(chunks if chunks is not None else [b"{}"])
     sent: list[dict[str, Any]] = []
 
@@ -58,7 +63,7 @@ async def call(app: Any, scope: dict[str, Any], chunks: list[bytes] | None = Non
         if not pending:
             await asyncio.sleep(3600)  # a client that sends nothing more
         chunk = pending.pop(0)
-        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending) or stall}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
@@ -76,7 +81,10 @@ def test_declared_body_over_the_cap_is_413_before_the_app_runs() -> None:
     scope = http_scope(headers=[(b"content-length", b"101")])
     status, _, body = asyncio.run(call(guard, scope, [b"x" * 101]))
     assert status == 413 and inner.num_calls == 0
-    assert body["error"]["code"] == "request_too_large" and body["error"]["type"] == "invalid_request_error"
+    assert (
+        body["error"]["code"] == "request_too_large"
+        and body["error"]["type"] == "invalid_request_error"
+    )
     assert "100 bytes" in body["error"]["message"]
 
 
@@ -84,6 +92,18 @@ def test_chunked_body_over_the_cap_is_413_as_soon_as_it_passes() -> None:
     guard = RequestGuard(EchoApp(), LimitSettings(max_body_bytes=100))
     status, _, body = asyncio.run(call(guard, http_scope(), [b"x" * 60, b"x" * 60, b"x" * 10**6]))
     assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
+def test_a_stalled_upload_is_a_408_and_frees_its_slot() -> None:
+    async def scenario() -> None:
+        guard = RequestGuard(EchoApp(), LimitSettings(max_in_flight=1, body_timeout_s=0.05))
+        # The client sends the first chunk and promises more that never comes.
+        status, _, body = await asyncio.wait_for(call(guard, http_scope(), [b"{"], stall=True), 5)
+        assert status == 408 and body["error"]["code"] == "request_timeout"
+        assert guard.limiter.num_in_flight == 0
+        assert (await call(guard, http_scope(), [b"{", b"}"]))[0] == 200  # slow but complete: fine
+
+    asyncio.run(scenario())
 
 
 def test_body_at_the_cap_passes_and_probes_are_never_limited() -> None:
@@ -134,7 +154,10 @@ def test_per_key_limit_is_429_for_that_key_only() -> None:
         await asyncio.sleep(0.01)
         status, headers, body = await call(guard, http_scope(headers=AUTH_A))
         assert status == 429 and headers["retry-after"] == "1"
-        assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "concurrency_limit_exceeded"
+        assert (
+            body["error"]["type"] == "rate_limit_error"
+            and body["error"]["code"] == "concurrency_limit_exceeded"
+        )
         other = asyncio.create_task(call(guard, http_scope(headers=AUTH_B)))
         await asyncio.sleep(0.01)
         inner.gate.set()
@@ -151,7 +174,10 @@ def test_a_request_that_fails_or_is_cancelled_releases_its_permit() -> None:
     guard = RequestGuard(failing, LimitSettings(max_in_flight=1, max_in_flight_per_key=1))
     with pytest.raises(RuntimeError):
         asyncio.run(call(guard, http_scope(headers=AUTH_A)))
-    assert guard.limiter.num_in_flight == 0 and guard.limiter.in_flight_of(key_id("Bearer key-a") or "") == 0
+    assert (
+        guard.limiter.num_in_flight == 0
+        and guard.limiter.in_flight_of(key_id("Bearer key-a") or "") == 0
+    )
 
     async def cancelled() -> None:
         inner = EchoApp()
@@ -219,7 +245,15 @@ def test_retry_after_only_for_retryable_errors() -> None:
         (b'{"x": "\xff\xfe"}', "not valid JSON"),
         (b"{", "not valid JSON"),
     ],
-    ids=["deep-array", "deep-object", "65-levels", "lone-surrogate", "surrogate-key", "invalid-utf8", "truncated"],
+    ids=[
+        "deep-array",
+        "deep-object",
+        "65-levels",
+        "lone-surrogate",
+        "surrogate-key",
+        "invalid-utf8",
+        "truncated",
+    ],
 )
 def test_parse_json_refuses_bodies_that_would_fail_later(raw: bytes, message: str) -> None:
     from deployments.errors import RequestError
@@ -235,4 +269,35 @@ def test_parse_json_accepts_64_levels_and_surrogate_pairs() -> None:
 
     assert parse_json(b"[" * 64 + b"]" * 64) is not None
     assert parse_json(b'{"x": "\\ud83d\\ude00"}') == {"x": "\U0001f600"}
-    assert parse_json(b'{"tools": [{"a": {"b": [1, {"c": null}]}}]}')["tools"][0]["a"]["b"][1] == {"c": None}
+    assert parse_json(b'{"tools": [{"a": {"b": [1, {"c": null}]}}]}')["tools"][0]["a"]["b"][1] == {
+        "c": None
+    }
+
+
+def test_refusals_are_counted_by_reason() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deployments import metrics
+
+    metrics.reset(export_to_ray=False)
+    try:
+        guard = RequestGuard(EchoApp(), LimitSettings(max_body_bytes=1, max_in_flight=0))
+        asyncio.run(call(guard, http_scope(headers=[(b"content-length", b"2")])))
+        asyncio.run(call(guard, http_scope()))
+        error_response(OverloadedError("full", code="engine_overloaded"))
+        error_response(EngineDead("gone"))
+        text = metrics.render_summary()[0].decode()
+        counts = {
+            s.labels["reason"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "shepherd_rejected_requests_total"
+        }
+        assert counts == {
+            "body_too_large": 1,
+            "replica_full": 1,
+            "engine_full": 1,
+            "engine_unavailable": 1,
+        }
+    finally:
+        metrics.reset()

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +21,14 @@ def fresh_registry() -> Iterator[None]:
     metrics.reset(export_to_ray=False)
     yield
     metrics.reset()
+
+
+@pytest.fixture()
+def access_log(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[], list[str]]]:
+    """The access log's messages so far."""
+    logger = metrics.access_logger
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        yield lambda: [r.getMessage() for r in caplog.records if r.name == logger.name]
 
 
 def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -51,12 +59,14 @@ def test_a_streamed_generation_records_ttft_itl_e2e_tokens_and_finish() -> None:
     request.on_tokens(2)
     request.on_tokens(0)  # an empty delta is not a token
     request.on_finish("length", num_prompt_tokens=7, num_completion_tokens=3)
-    request.on_finish("cancelled", num_prompt_tokens=7, num_completion_tokens=3)  # ignored: already finished
+    # Ignored: the generation already finished.
+    request.on_finish("cancelled", num_prompt_tokens=7, num_completion_tokens=3)
     route = "/v1/chat/completions"
     assert value("shepherd_time_to_first_token_seconds_count", route=route) == 1
     assert value("shepherd_time_to_first_token_seconds_sum", route=route) >= 0.02
     assert value("shepherd_inter_token_latency_seconds_count", route=route) == 1
-    assert 0.004 <= value("shepherd_inter_token_latency_seconds_sum", route=route) < 0.5  # ~10 ms over 2 tokens
+    itl_sum_s = value("shepherd_inter_token_latency_seconds_sum", route=route)
+    assert 0.004 <= itl_sum_s < 0.5  # ~10 ms over 2 tokens
     assert value("shepherd_e2e_latency_seconds_count", route=route) == 1
     assert value("shepherd_prompt_tokens_total", route=route) == 7
     assert value("shepherd_completion_tokens_total", route=route) == 3
@@ -68,7 +78,10 @@ def test_errors_and_cancellations_count_but_stay_out_of_the_latency_histogram() 
     for reason in ("error", "cancelled"):
         request = metrics.RequestMetrics("/v1/completions")
         request.on_finish(reason, num_prompt_tokens=3, num_completion_tokens=0)
-        assert value("shepherd_request_finish_total", route="/v1/completions", finish_reason=reason) == 1
+        assert (
+            value("shepherd_request_finish_total", route="/v1/completions", finish_reason=reason)
+            == 1
+        )
     assert value("shepherd_e2e_latency_seconds_count", route="/v1/completions") == 0
 
 
@@ -98,12 +111,17 @@ def test_engine_metrics_turn_executor_totals_into_counters_and_skip_unreported_g
     engine = metrics.EngineMetrics()
     engine.update(stats())
     engine.update(stats(num_submitted_requests=12, num_generated_tokens=650, num_active_requests=5))
-    assert value("shepherd_engine_active_requests") == 5 and value("shepherd_engine_queued_requests") == 1
+    assert (
+        value("shepherd_engine_active_requests") == 5
+        and value("shepherd_engine_queued_requests") == 1
+    )
     assert value("shepherd_engine_requests_total", event="submitted") == 12
     assert value("shepherd_engine_requests_total", event="cancelled") == 1
     assert value("shepherd_engine_generated_tokens_total") == 650
     found = samples()
-    assert not any(name.startswith("shepherd_engine_kv_cache") for name, _ in found), "not reported: not exported"
+    assert not any(name.startswith("shepherd_engine_kv_cache") for name, _ in found), (
+        "not reported: not exported"
+    )
     engine.update(stats(kv_cache_usage=0.25, prefix_cache_hit_rate=0.5))
     assert value("shepherd_engine_kv_cache_usage_ratio") == 0.25
     assert value("shepherd_engine_prefix_cache_hit_rate") == 0.5
@@ -116,7 +134,12 @@ def test_a_total_that_goes_down_counts_from_zero_again() -> None:
 
 def test_session_metrics_follow_the_session_counters() -> None:
     sessions = metrics.SessionMetrics()
-    counters = {"num_template_breaks": 1, "num_evicted_messages": 4, "num_committed_turns": 9, "num_aborted_turns": 2}
+    counters = {
+        "num_template_breaks": 1,
+        "num_evicted_messages": 4,
+        "num_committed_turns": 9,
+        "num_aborted_turns": 2,
+    }
     sessions.update(counters)
     sessions.update({**counters, "num_committed_turns": 10})
     assert value("shepherd_session_turns_total", outcome="committed") == 10
@@ -155,7 +178,11 @@ async def call(app: Any, path: str, headers: list[tuple[bytes, bytes]]) -> dict[
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b'{"messages": "SECRET-PROMPT"}', "more_body": False}
+        return {
+            "type": "http.request",
+            "body": b'{"messages": "SECRET-PROMPT"}',
+            "more_body": False,
+        }
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
@@ -165,7 +192,7 @@ async def call(app: Any, path: str, headers: list[tuple[bytes, bytes]]) -> dict[
 
 
 def test_observer_counts_by_route_template_and_logs_one_line_without_keys_or_text(
-    caplog: pytest.LogCaptureFixture,
+    access_log: Callable[[], list[str]],
 ) -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         scope["route"] = Route()  # what Starlette's router does on a match
@@ -177,42 +204,49 @@ def test_observer_counts_by_route_template_and_logs_one_line_without_keys_or_tex
         await send({"type": "http.response.body", "body": b"SECRET-REPLY"})
 
     headers = [(b"authorization", b"Bearer SECRET-KEY"), (b"x-request-id", b"client-id-123")]
-    with caplog.at_level(logging.INFO, logger="shepherd.access"):
-        asyncio.run(call(metrics.RequestObserver(app), "/v1/sessions/sess_x", headers))
+    asyncio.run(call(metrics.RequestObserver(app), "/v1/sessions/sess_x", headers))
     assert value("shepherd_requests_total", route="/v1/sessions/{session_id}", status="200") == 1
     assert value("shepherd_requests_in_flight") == 0
-    [line] = [r.getMessage() for r in caplog.records if r.name == "shepherd.access"]
+    [line] = access_log()
     assert "SECRET" not in line
     fields = json.loads(line)
     assert fields["request_id"] == "client-id-123" and fields["status"] == 200
-    assert fields["finish_reason"] == "stop" and fields["prompt_tokens"] == 5 and fields["completion_tokens"] == 2
+    assert (
+        fields["finish_reason"] == "stop"
+        and fields["prompt_tokens"] == 5
+        and fields["completion_tokens"] == 2
+    )
     assert fields["session_id"] == "sess_x" and fields["ttft_ms"] >= 0
 
 
-def test_unsafe_request_ids_are_replaced_and_unknown_paths_share_one_label(caplog: pytest.LogCaptureFixture) -> None:
+def test_unsafe_request_ids_are_replaced_and_unknown_paths_share_one_label(
+    access_log: Callable[[], list[str]],
+) -> None:
     async def not_found(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 404, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    with caplog.at_level(logging.INFO, logger="shepherd.access"):
-        asyncio.run(call(metrics.RequestObserver(not_found), "/x/1", [(b"x-request-id", b"evil\n{fake}")]))
-        asyncio.run(call(metrics.RequestObserver(not_found), "/x/2", []))
+    asyncio.run(
+        call(metrics.RequestObserver(not_found), "/x/1", [(b"x-request-id", b"evil\n{fake}")])
+    )
+    asyncio.run(call(metrics.RequestObserver(not_found), "/x/2", [(b"x-request-id", b"x" * 129)]))
     assert value("shepherd_requests_total", route="unmatched", status="404") == 2
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "shepherd.access"]
-    assert all(line["request_id"].startswith("req-") for line in lines)
+    lines = [json.loads(line) for line in access_log()]
+    assert len(lines) == 2 and all(line["request_id"].startswith("req-") for line in lines)
 
 
-def test_a_request_that_raises_counts_as_500_and_probes_are_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_request_that_raises_counts_as_500_and_probes_are_not_logged(
+    access_log: Callable[[], list[str]],
+) -> None:
     async def broken(scope: Any, receive: Any, send: Any) -> None:
         raise RuntimeError("boom")
 
     async def ok(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
 
-    with caplog.at_level(logging.INFO, logger="shepherd.access"):
-        with pytest.raises(RuntimeError):
-            asyncio.run(call(metrics.RequestObserver(broken), "/v1/completions", []))
-        asyncio.run(call(metrics.RequestObserver(ok), "/health", []))
+    with pytest.raises(RuntimeError):
+        asyncio.run(call(metrics.RequestObserver(broken), "/v1/completions", []))
+    asyncio.run(call(metrics.RequestObserver(ok), "/health", []))
     assert value("shepherd_requests_total", route="/v1/completions", status="500") == 1
     assert value("shepherd_requests_total", route="/health", status="200") == 1
-    assert [json.loads(r.getMessage())["route"] for r in caplog.records] == ["/v1/completions"]
+    assert [json.loads(line)["route"] for line in access_log()] == ["/v1/completions"]
