@@ -6,6 +6,9 @@ import enum
 from dataclasses import dataclass, field
 
 
+_SAMPLING_EPS = 1e-5
+
+
 class FinishReason(str, enum.Enum):
     """Why a request stopped, mirroring TensorRT-LLM's `FinishReason` (END_ID, STOP_WORDS, LENGTH, CANCELLED)."""
 
@@ -30,7 +33,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Temperatures below vLLM's sampling epsilon mean greedy: dividing logits by a subnormal gives inf,
+        # and one such request would poison the whole batch's sampling step.
+        return self.temperature < _SAMPLING_EPS or self.top_k == 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,3 +180,25 @@ def test_dead_executor_fails_health_and_new_requests(model_dir: Path, tokenizer:
             await collect(executor.generate(request))
 
     asyncio.run(main())
+
+
+def test_a_subnormal_temperature_is_greedy_and_does_not_break_the_batch(
+    model_dir: Path, tokenizer: Any, reference_model: Any
+) -> None:
+    ids = prompt_ids(tokenizer, PROMPTS[0])
+    expected = reference_tokens(reference_model, ids, 8)
+
+    async def main() -> list[tuple[list[int], Any]]:
+        executor = await _executor(model_dir)
+        try:
+            tiny = SamplingParams(temperature=1.1125369292536007e-308)
+            requests = [
+                GenerateRequest(request_id="tiny", prompt_token_ids=ids, max_tokens=8, sampling=tiny),
+                GenerateRequest(request_id="next", prompt_token_ids=ids, max_tokens=8, sampling=GREEDY),
+            ]
+            return list(await asyncio.gather(*(collect(executor.generate(r)) for r in requests)))
+        finally:
+            await executor.shutdown()
+
+    results = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == [expected, expected]
