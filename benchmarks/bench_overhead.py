@@ -1,41 +1,41 @@
-"""What the serving stack (HTTP -> proxy -> Router replica -> Engine replica) adds over its executor in-process.
+"""What the serving stack (HTTP -> proxy -> Router replica -> Engine replica) costs over its executor.
 
-1. TTFT at c=1 (p50, p99), emulator and transformers engines: stack minus the same executor called in-process.
-2. Output-token throughput at c=64, transformers engine on the embedded model: stack / in-process.
+Items (`--items`, comma-separated):
+  ttft        TTFT at c=1 (p50, p99), emulator and transformers engines: stack minus the same executor called
+              in-process, plus GET /v1/models (one proxy -> Router hop, no engine) as the floor of any request
+  throughput  output-token throughput at c=64, transformers engine on the embedded model: stack / in-process
+  ceiling     streamed tokens/s that one Router + one Engine replica sustain with the emulator engine, with the
+              CPU seconds of every process; py-spy profiles of the Router, Engine and proxy for the last tree
 
 Both sides get the same random token-id prompts (`/v1/completions` with a list of ids; in-process the same ids
-in a GenerateRequest with the router's end id) and the same engine args. The stack runs from a snapshot of the
-commit `--ref` (plus this suite's files); each `--patch NAME=a.diff[,b.diff]` adds a variant with those patches,
-measured in the same run, for before/after comparisons.
+in a GenerateRequest with the router's end id) and the same engine args. The stack runs from frozen code trees:
+`--tree NAME=DIR` (prebuilt, e.g. by benchmarks.trees), else a snapshot of HEAD plus one per
+`--patch NAME=a.diff[,b.diff]`; every tree is measured in the same run (before/after).
 
     SHEPHERD_CACHE_DIR=/tmp/shepcache python -m benchmarks.bench_overhead \
-        --patch fast=benchmarks/proposed-patches/engine-coalesce.diff
+        --patch grpc=benchmarks/proposed-patches/grpc-engine-handle.diff
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks import loadgen
-from benchmarks.common import (
-    RESULTS,
-    CpuMeter,
-    app_args,
-    commit_of,
-    in_process_executor,
-    snapshot,
-    wait_for_quiet,
-)
+from benchmarks.common import RESULTS, CpuMeter, app_args, in_process_executor, py_spy_top, snapshot
 from benchmarks.models import no_eos_copy
 from benchmarks.server import merge, serve_app
 
-PORT = 8101
 MODEL = "shepherd-tiny"
+END_ID = 2  # the embedded tokenizer's eos (<|im_end|>), as the router sends it
 
 
 def bench_model_dir() -> str:
@@ -52,8 +52,12 @@ def engine_overrides(kind: str) -> dict[str, Any]:
     return {}
 
 
-def stack_args(kind: str, model_dir: str) -> dict[str, Any]:
-    return {"model": {"path": model_dir, "served_model_name": MODEL}, "engine": engine_overrides(kind)}
+def stack_args(kind: str, model_dir: str, engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """App args of a stack run: the bench model, and engine settings of the kind plus a tree's own."""
+    return {
+        "model": {"path": model_dir, "served_model_name": MODEL},
+        "engine": merge(engine_overrides(kind), engine or {}),
+    }
 
 
 def config_of(kind: str) -> str:
@@ -66,7 +70,6 @@ async def run_in_process(
     jobs: list[loadgen.Job],
     concurrency: int,
     max_tokens: int,
-    end_id: int,
     repo: Path,
 ) -> dict[str, Any]:
     engine = merge(app_args(config_of(kind), repo)["engine"], engine_overrides(kind))
@@ -76,7 +79,7 @@ async def run_in_process(
         # A replica with num_cpus=N gets OMP_NUM_THREADS=N from Ray; give this process the same.
         torch.set_num_threads(max(1, int(engine.get("num_cpus_per_replica", 1))))
     async with in_process_executor(engine, model_dir) as executor:
-        backend = loadgen.ExecutorBackend(executor, max_tokens, end_id=end_id)
+        backend = loadgen.ExecutorBackend(executor, max_tokens, end_id=END_ID)
         await loadgen.run_load(backend, jobs[:4], concurrency=min(4, concurrency))  # warm-up
         records, duration = await loadgen.run_load(backend, jobs, concurrency=concurrency)
     return loadgen.summarize(records, duration)
@@ -87,20 +90,17 @@ async def run_stack(
 ) -> dict[str, Any]:
     backend = loadgen.OpenAIBackend(base_url, MODEL, endpoint="completions", max_tokens=max_tokens)
     try:
-        await loadgen.run_load(backend, jobs[:4], concurrency=min(4, concurrency))  # warm-up
+        await loadgen.run_load(backend, jobs[:8], concurrency=min(8, concurrency))  # warm-up
         meter = CpuMeter(pids)
         records, duration = await loadgen.run_load(backend, jobs, concurrency=concurrency)
         cpu = meter.stop()
-        models_ms = await _models_latency_ms(base_url)
     finally:
         await backend.close()
-    return {**loadgen.summarize(records, duration), "cpu": cpu, "get_models_ms": models_ms}
+    return {**loadgen.summarize(records, duration), "cpu": cpu}
 
 
-async def _models_latency_ms(base_url: str, n: int = 50) -> dict[str, float]:
+async def models_latency_ms(base_url: str, n: int = 50) -> dict[str, float]:
     """GET /v1/models: HTTP -> proxy -> Router and back, no engine hop (the floor of any request)."""
-    import time
-
     import aiohttp
 
     samples = []
@@ -113,79 +113,185 @@ async def _models_latency_ms(base_url: str, n: int = 50) -> dict[str, float]:
     return loadgen._stats(samples)
 
 
-def engine_env(app: Any) -> dict[str, str]:
-    pid = app.pid_of("Engine")
-    if pid is None:
-        return {}
-    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    wanted = ("OMP_NUM_THREADS", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD")
-    return {k: v for k, _, v in (item.decode().partition("=") for item in raw) if k in wanted}
+def item_ttft(
+    args: argparse.Namespace, trees: dict[str, str], model_dir: str, result: dict[str, Any]
+) -> None:
+    source = loadgen.PromptSource(model_dir, seed=0)
+    for kind in args.engines.split(","):
+        jobs = loadgen.make_jobs(source, args.ttft_requests, args.input_len, 1)
+        entry: dict[str, Any] = {
+            "engine": kind,
+            "concurrency": 1,
+            "input_len": args.input_len,
+            "output_len": 32,
+        }
+        base_tree = Path(next(iter(trees.values())))
+        entry["in_process"] = asyncio.run(run_in_process(kind, model_dir, jobs, 1, 32, base_tree))
+        print(loadgen.one_line(f"ttft {kind} in-process", entry["in_process"]), flush=True)
+        for name, tree in trees.items():
+            overrides = stack_args(kind, model_dir, args.tree_engine.get(name))
+            with serve_app(config_of(kind), port=args.port, args=overrides, repo=tree) as app:
+                stack = asyncio.run(run_stack(app.base_url, jobs, 1, 32, app.pids()))
+                stack["get_models_ms"] = asyncio.run(models_latency_ms(app.base_url))
+            entry[f"stack[{name}]"] = stack
+            entry[f"added[{name}]"] = {
+                "ttft_p50_ms": stack["ttft_ms"]["p50"] - entry["in_process"]["ttft_ms"]["p50"],
+                "ttft_p99_ms": stack["ttft_ms"]["p99"] - entry["in_process"]["ttft_ms"]["p99"],
+                "get_models_p50_ms": stack["get_models_ms"]["p50"],
+            }
+            print(
+                loadgen.one_line(f"ttft {kind} stack[{name}]", stack),
+                entry[f"added[{name}]"],
+                flush=True,
+            )
+        result[f"ttft_c1_{kind}"] = entry
+        loadgen.write_json(args.out, result)
+
+
+def item_throughput(
+    args: argparse.Namespace, trees: dict[str, str], model_dir: str, result: dict[str, Any]
+) -> None:
+    source = loadgen.PromptSource(model_dir, seed=1)
+    jobs = loadgen.make_jobs(source, args.throughput_requests, args.input_len, 1)
+    entry: dict[str, Any] = {
+        "engine": "transformers",
+        "concurrency": 64,
+        "input_len": args.input_len,
+        "output_len": 128,
+        "num_requests": args.throughput_requests,
+    }
+    base_tree = Path(next(iter(trees.values())))
+    entry["in_process"] = asyncio.run(
+        run_in_process("transformers", model_dir, jobs, 64, 128, base_tree)
+    )
+    print(loadgen.one_line("throughput c=64 in-process", entry["in_process"]), flush=True)
+    for name, tree in trees.items():
+        overrides = stack_args("transformers", model_dir, args.tree_engine.get(name))
+        with serve_app("serve_config.yaml", port=args.port, args=overrides, repo=tree) as app:
+            stack = asyncio.run(run_stack(app.base_url, jobs, 64, 128, app.pids()))
+        entry[f"stack[{name}]"] = stack
+        entry[f"ratio[{name}]"] = (
+            stack["output_throughput"] / entry["in_process"]["output_throughput"]
+        )
+        print(
+            loadgen.one_line(f"throughput c=64 stack[{name}]", stack),
+            f"ratio {entry[f'ratio[{name}]']:.2f}",
+            flush=True,
+        )
+    result["throughput_c64_transformers"] = entry
+    loadgen.write_json(args.out, result)
+
+
+def item_ceiling(
+    args: argparse.Namespace, trees: dict[str, str], model_dir: str, result: dict[str, Any]
+) -> None:
+    source = loadgen.PromptSource(model_dir, seed=2)
+    levels = [int(c) for c in args.ceiling_levels.split(",")]
+    entry: dict[str, Any] = {
+        "engine": "emulator",
+        "input_len": args.input_len,
+        "output_len": args.ceiling_output_len,
+        "emulator": app_args("serve_config.emulator.yaml", Path(next(iter(trees.values())))),
+    }
+    for index, (name, tree) in enumerate(trees.items()):
+        runs = []
+        overrides = stack_args("emulator", model_dir, args.tree_engine.get(name))
+        with serve_app(config_of("emulator"), port=args.port, args=overrides, repo=tree) as app:
+            for concurrency in levels:
+                jobs = loadgen.make_jobs(
+                    source, max(64, concurrency * args.ceiling_waves), args.input_len, 1
+                )
+                summary = asyncio.run(
+                    run_stack(app.base_url, jobs, concurrency, args.ceiling_output_len, app.pids())
+                )
+                runs.append({"concurrency": concurrency, **summary})
+                print(
+                    loadgen.one_line(f"ceiling[{name}] c={concurrency}", summary),
+                    summary["cpu"]["cpu_s"],
+                    flush=True,
+                )
+            if args.profile and index == len(trees) - 1:
+                entry[f"profile[{name}]"] = profile(app, source, levels[-1], args)
+        entry[f"stack[{name}]"] = runs
+        result["ceiling_emulator"] = entry
+        loadgen.write_json(args.out, result)
+
+
+def profile(
+    app: Any, source: loadgen.PromptSource, concurrency: int, args: argparse.Namespace
+) -> dict[str, str]:
+    """py-spy (200 Hz, 6 s each) of the Router, Engine and proxy processes under load at `concurrency`."""
+    jobs = loadgen.make_jobs(source, concurrency * 3, args.input_len, 1)
+    profiles: dict[str, str] = {}
+    targets = {"router": app.pid_of("Router"), "engine": app.pid_of("Engine")}
+    targets["proxy"] = next((pid for role, pid in app.pids().items() if "ProxyActor" in role), None)
+
+    def sample() -> None:
+        time.sleep(3)
+        for role, pid in targets.items():
+            if pid is not None:
+                out = Path(tempfile.gettempdir()) / f"profile-{role}-{pid}.txt"
+                profiles[role] = py_spy_top(pid, 6, out, top=25)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    asyncio.run(run_stack(app.base_url, jobs, concurrency, args.ceiling_output_len, app.pids()))
+    sampler.join()
+    return profiles
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--ref", default="HEAD", help="the commit to measure ('' = the working tree)")
-    parser.add_argument("--patch", action="append", default=[], help="NAME=a.diff[,b.diff]: one more variant")
-    parser.add_argument("--engines", default="emulator,transformers")
+    parser.add_argument("--items", default="ttft,throughput,ceiling")
+    parser.add_argument(
+        "--tree", action="append", default=[], help="NAME=DIR: a prebuilt code tree"
+    )
+    parser.add_argument(
+        "--patch", action="append", default=[], help="NAME=a.diff[,b.diff]: one more tree"
+    )
+    parser.add_argument(
+        "--tree-engine",
+        action="append",
+        default=[],
+        help='NAME={"stream_interval_tokens": 4}: engine args for one tree only',
+    )
+    parser.add_argument(
+        "--engines", default="emulator,transformers", help="engines of the ttft item"
+    )
     parser.add_argument("--ttft-requests", type=int, default=100)
     parser.add_argument("--throughput-requests", type=int, default=128)
+    parser.add_argument("--ceiling-levels", default="64,128,256")
+    parser.add_argument(
+        "--ceiling-waves", type=int, default=3, help="requests = waves x concurrency"
+    )
+    parser.add_argument("--ceiling-output-len", type=int, default=128)
+    parser.add_argument("--profile", action="store_true")
     parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--port", type=int, default=8101)
     parser.add_argument("--out", default=str(RESULTS / "overhead.json"))
     args = parser.parse_args()
-    ref = args.ref or None
-    variants = {"base": str(snapshot(ref=ref))}
-    for item in args.patch:
-        name, _, diffs = item.partition("=")
-        variants[name] = str(snapshot(diffs.split(","), ref=ref))
-    # In-process runs import the same frozen `deployments` as the base variant's replicas.
-    sys.path.insert(0, variants["base"])
+    trees = dict(item.split("=", 1) for item in args.tree)
+    args.tree_engine = {k: json.loads(v) for k, v in (i.split("=", 1) for i in args.tree_engine)}
+    if not trees:
+        trees = {"base": str(snapshot())}
+        for item in args.patch:
+            name, _, diffs = item.partition("=")
+            trees[name] = str(snapshot(diffs.split(",")))
+    # In-process runs import the same frozen `deployments` as the first tree's replicas.
+    sys.path.insert(0, str(Path(next(iter(trees.values()))).resolve()))
     model_dir = bench_model_dir()
-    source = loadgen.PromptSource(model_dir, seed=0)
-    end_id = 2  # the embedded tokenizer's eos (<|im_end|>), as the router sends it
-    result: dict[str, Any] = {
-        "machine": loadgen.machine_info(),
-        "code": {"ref": commit_of(ref) if ref else "working tree", "patches": args.patch},
-        "model_dir": model_dir,
-    }
-
-    # Item 1: TTFT at c=1; item 2: throughput at c=64 (transformers only).
-    plan = [("ttft_c1", kind, 1, args.ttft_requests, 32) for kind in args.engines.split(",")]
-    if "transformers" in args.engines:
-        plan.append(("throughput_c64", "transformers", 64, args.throughput_requests, 128))
-    for name, kind, concurrency, num_requests, max_tokens in plan:
-        jobs = loadgen.make_jobs(source, num_requests, args.input_len, 1)
-        entry: dict[str, Any] = {
-            "engine": kind,
-            "concurrency": concurrency,
-            "input_len": args.input_len,
-            "output_len": max_tokens,
-            "num_requests": num_requests,
-        }
-        entry["load_before"] = wait_for_quiet()
-        entry["in_process"] = asyncio.run(
-            run_in_process(kind, model_dir, jobs, concurrency, max_tokens, end_id, Path(variants["base"]))
-        )
-        print(loadgen.one_line(f"{name} {kind} in-process", entry["in_process"]), flush=True)
-        for variant, repo in variants.items():
-            with serve_app(config_of(kind), port=PORT, args=stack_args(kind, model_dir), repo=repo) as app:
-                entry["load_before_" + variant] = wait_for_quiet()
-                stack = asyncio.run(run_stack(app.base_url, jobs, concurrency, max_tokens, app.pids()))
-                stack["engine_env"] = engine_env(app)
-            entry[f"stack_{variant}"] = stack
-            print(loadgen.one_line(f"{name} {kind} stack[{variant}]", stack), flush=True)
-            base = entry["in_process"]
-            entry[f"added_{variant}"] = {
-                "ttft_p50_ms": stack["ttft_ms"]["p50"] - base["ttft_ms"]["p50"],
-                "ttft_p99_ms": stack["ttft_ms"]["p99"] - base["ttft_ms"]["p99"],
-                "tpot_p50_ms": stack["tpot_ms"]["p50"] - base["tpot_ms"]["p50"],
-                "throughput_ratio": stack["output_throughput"] / base["output_throughput"],
-            }
-            print(f"    added[{variant}]: {entry[f'added_{variant}']}", flush=True)
-        entry["load_after"] = os.getloadavg()[0]
-        result[f"{name}_{kind}"] = entry
-        loadgen.write_json(args.out, result)
+    result: dict[str, Any] = {"machine": loadgen.machine_info(), "trees": trees, "args": vars(args)}
+    items = args.items.split(",")
+    if "ttft" in items:
+        item_ttft(args, trees, model_dir, result)
+    if "throughput" in items:
+        item_throughput(args, trees, model_dir, result)
+    if "ceiling" in items:
+        item_ceiling(args, trees, model_dir, result)
+    result["machine_after"] = {"loadavg": os.getloadavg()}
+    loadgen.write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

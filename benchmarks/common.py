@@ -46,17 +46,23 @@ async def in_process_executor(engine: dict[str, Any], model_dir: str) -> AsyncIt
 OWN_FILES = ("deployments/executors/emulator.py", "benchmarks", "serve_config.emulator.yaml")
 
 
-def snapshot(patches: Sequence[str | Path] = (), *, ref: str | None = "HEAD", repo: Path = REPO) -> Path:
+def snapshot(
+    patches: Sequence[str | Path] = (), *, ref: str | None = "HEAD", repo: Path = REPO
+) -> Path:
     """A frozen copy of the serving code to benchmark: the commit `ref` (or the working tree when None) plus
     this suite's own files, with `patches` applied (`patch -p1`). Other people edit the working tree while
     benchmarks run; a snapshot keeps one run's before/after on the same code.
     """
     target = Path(tempfile.mkdtemp(prefix="shepherd-bench-tree-"))
-    ignore = shutil.ignore_patterns(".git", ".carry", ".whl", "__pycache__", "*.egg-info", "results", "plots")
+    ignore = shutil.ignore_patterns(
+        ".git", ".carry", ".whl", "__pycache__", "*.egg-info", "results", "plots"
+    )
     if ref is None:
         shutil.copytree(repo, target, dirs_exist_ok=True, ignore=ignore)
     else:
-        archive = subprocess.run(["git", "-C", str(repo), "archive", ref], capture_output=True, check=True)
+        archive = subprocess.run(
+            ["git", "-C", str(repo), "archive", ref], capture_output=True, check=True
+        )
         subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
         for name in OWN_FILES:
             source = repo / name
@@ -65,7 +71,9 @@ def snapshot(patches: Sequence[str | Path] = (), *, ref: str | None = "HEAD", re
             else:
                 shutil.copy(source, target / name)
     for patch in patches:
-        subprocess.run(["patch", "-s", "-p1", "-i", str(Path(patch).resolve())], cwd=target, check=True)
+        subprocess.run(
+            ["patch", "-s", "-p1", "-i", str(Path(patch).resolve())], cwd=target, check=True
+        )
     return target
 
 
@@ -145,7 +153,7 @@ def py_spy_top(pid: int, duration_s: float, out_path: Path, *, top: int = 25) ->
     """Samples `pid` with py-spy for `duration_s` and writes the functions with the most self and total time."""
     raw = out_path.with_suffix(".folded")
     command = [
-        str(Path(sys.executable).parent / "py-spy"),
+        _py_spy(),
         "record",
         "-p",
         str(pid),
@@ -159,8 +167,6 @@ def py_spy_top(pid: int, duration_s: float, out_path: Path, *, top: int = 25) ->
         str(raw),
         "--nonblocking",
     ]
-    if not Path(command[0]).exists():
-        command[0] = "py-spy"
     subprocess.run(command, capture_output=True, timeout=duration_s + 60)
     self_counts: dict[str, int] = {}
     total_counts: dict[str, int] = {}
@@ -192,12 +198,28 @@ def py_spy_top(pid: int, duration_s: float, out_path: Path, *, top: int = 25) ->
     return text
 
 
+def _py_spy() -> str:
+    """py-spy beside this Python, on PATH, or in a `pip --target` directory on PYTHONPATH (the GPU host)."""
+    candidates = [Path(sys.executable).parent / "py-spy"]
+    candidates += [
+        Path(p) / "bin" / "py-spy" for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
+    ]
+    found = next((str(c) for c in candidates if c.exists()), None)
+    return found or shutil.which("py-spy") or "py-spy"
+
+
 def _short_frame(frame: str) -> str:
     """'func (/long/path/site-packages/ray/serve/x.py:12)' -> 'func (ray/serve/x.py)'."""
     name, _, where = frame.partition(" (")
     where = where.rstrip(")")
     path = where.rsplit(":", 1)[0]
-    for marker in ("site-packages/", "python3.11/", "python3.12/", "/work/main/", "shepherd-patched-"):
+    for marker in (
+        "site-packages/",
+        "python3.11/",
+        "python3.12/",
+        "/work/main/",
+        "shepherd-patched-",
+    ):
         if marker in path:
             path = path.split(marker, 1)[1]
     return f"{name} ({path})"

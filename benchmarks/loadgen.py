@@ -44,6 +44,7 @@ class RequestRecord:
     turn: int = 0
     error: str | None = None
     text: str = ""
+    finish_reason: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -73,7 +74,9 @@ class PromptSource:
             from tokenizers import Tokenizer
 
             self._tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-            special = {token.content for token in self._tokenizer.get_added_tokens_decoder().values()}
+            special = {
+                token.content for token in self._tokenizer.get_added_tokens_decoder().values()
+            }
             vocab = self._tokenizer.get_vocab()
             self._ids = sorted(i for token, i in vocab.items() if token not in special)
 
@@ -103,7 +106,11 @@ class Backend(Protocol):
     """Streams one request and fills in a RequestRecord; `history` holds earlier turns (chat only)."""
 
     async def send(
-        self, text: str, token_ids: list[int] | None, history: list[dict[str, str]], record: RequestRecord
+        self,
+        text: str,
+        token_ids: list[int] | None,
+        history: list[dict[str, str]],
+        record: RequestRecord,
     ) -> None: ...
 
     async def close(self) -> None: ...
@@ -131,7 +138,7 @@ class OpenAIBackend:
         )
         self._is_chat = endpoint == "chat"
         self._model = model
-        self._max_tokens = max_tokens
+        self.max_tokens = max_tokens
         self._send_token_ids = send_token_ids
         self._include_usage = include_usage
         self._extra_body = extra_body or {}
@@ -140,10 +147,12 @@ class OpenAIBackend:
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         )
 
-    def body(self, text: str, token_ids: list[int] | None, history: list[dict[str, str]]) -> dict[str, Any]:
+    def body(
+        self, text: str, token_ids: list[int] | None, history: list[dict[str, str]]
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self._model,
-            "max_tokens": self._max_tokens,
+            "max_tokens": self.max_tokens,
             "temperature": 0.0,
             "stream": True,
             **self._extra_body,
@@ -157,7 +166,11 @@ class OpenAIBackend:
         return body
 
     async def send(
-        self, text: str, token_ids: list[int] | None, history: list[dict[str, str]], record: RequestRecord
+        self,
+        text: str,
+        token_ids: list[int] | None,
+        history: list[dict[str, str]],
+        record: RequestRecord,
     ) -> None:
         body = self.body(text, token_ids, history)
         parts: list[str] = []
@@ -186,11 +199,13 @@ class OpenAIBackend:
                         record.num_output_tokens = usage["completion_tokens"]
                         record.num_prompt_tokens = usage["prompt_tokens"]
                     choices = chunk.get("choices") or []
-                    piece = (
-                        (choices[0]["delta"].get("content") if self._is_chat else choices[0].get("text"))
-                        if choices
-                        else None
-                    )
+                    piece = None
+                    if choices:
+                        choice = choices[0]
+                        record.finish_reason = choice.get("finish_reason") or record.finish_reason
+                        piece = (
+                            choice["delta"].get("content") if self._is_chat else choice.get("text")
+                        )
                     if piece:
                         if not parts:
                             record.ttft = now - record.start
@@ -211,12 +226,16 @@ class ExecutorBackend:
 
     def __init__(self, executor: Any, max_tokens: int, end_id: int | None = None) -> None:
         self._executor = executor
-        self._max_tokens = max_tokens
+        self.max_tokens = max_tokens
         self._end_id = end_id
         self._num_sent = 0
 
     async def send(
-        self, text: str, token_ids: list[int] | None, history: list[dict[str, str]], record: RequestRecord
+        self,
+        text: str,
+        token_ids: list[int] | None,
+        history: list[dict[str, str]],
+        record: RequestRecord,
     ) -> None:
         from deployments.messages import GenerateRequest, SamplingParams
 
@@ -225,7 +244,7 @@ class ExecutorBackend:
         request = GenerateRequest(
             request_id=f"bench-{self._num_sent}",
             prompt_token_ids=token_ids,
-            max_tokens=self._max_tokens,
+            max_tokens=self.max_tokens,
             sampling=SamplingParams(temperature=0.0),
             end_id=self._end_id,
         )
@@ -257,12 +276,21 @@ async def _run_job(backend: Backend, job: Job, source: PromptSource | None) -> l
             await backend.send(text, token_ids, history, record)
         except Exception as error:
             record.error = f"{type(error).__name__}: {error}"[:200]
-        if record.ok and record.num_output_tokens == 0 and record.text and source is not None:
-            record.num_output_tokens = source.count(record.text) or record.num_chunks
+        if record.ok and record.num_output_tokens == 0 and record.text:
+            # No usage in the stream (llama-cpp-python): a "length" finish means exactly max_tokens tokens;
+            # otherwise re-tokenize the text, as vLLM's benchmark does.
+            max_tokens = getattr(backend, "max_tokens", None)
+            if record.finish_reason == "length" and max_tokens:
+                record.num_output_tokens = max_tokens
+            elif source is not None:
+                record.num_output_tokens = source.count(record.text) or record.num_chunks
         records.append(record)
         if not record.ok:
             break
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": record.text}]
+        history += [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": record.text},
+        ]
     return records
 
 
@@ -284,7 +312,10 @@ async def run_load(
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=sum(len(job.turns) for job in jobs), desc=progress, disable=progress is None, leave=False
+        total=sum(len(job.turns) for job in jobs),
+        desc=progress,
+        disable=progress is None,
+        leave=False,
     )
     records: list[RequestRecord] = []
     pending = list(reversed(jobs))
@@ -325,7 +356,10 @@ def _stats(values: Sequence[float], scale: float = 1000.0) -> dict[str, float]:
     array = np.asarray([v for v in values if not math.isnan(v)], dtype=float) * scale
     if array.size == 0:
         return {"mean": math.nan, **{f"p{p}": math.nan for p in PERCENTILES}}
-    return {"mean": float(array.mean()), **{f"p{p}": float(np.percentile(array, p)) for p in PERCENTILES}}
+    return {
+        "mean": float(array.mean()),
+        **{f"p{p}": float(np.percentile(array, p)) for p in PERCENTILES},
+    }
 
 
 def summarize(
@@ -354,7 +388,9 @@ def summarize(
         "num_output_tokens": num_output,
         "request_throughput": len(ok) / duration_s if duration_s > 0 else math.nan,
         "output_throughput": num_output / duration_s if duration_s > 0 else math.nan,
-        "total_token_throughput": (num_input + num_output) / duration_s if duration_s > 0 else math.nan,
+        "total_token_throughput": (num_input + num_output) / duration_s
+        if duration_s > 0
+        else math.nan,
         "tokens_per_chunk": num_output / max(1, sum(r.num_chunks for r in ok)),
         "ttft_ms": _stats([r.ttft for r in ok]),
         "tpot_ms": _stats([r.tpot for r in ok]),
@@ -365,11 +401,15 @@ def summarize(
         summary["goodput"] = {
             "ttft_slo_ms": ttft_slo_ms,
             "tpot_slo_ms": tpot_slo_ms,
-            "request_goodput": sum(meets_slo(r) for r in ok) / duration_s if duration_s > 0 else math.nan,
+            "request_goodput": sum(meets_slo(r) for r in ok) / duration_s
+            if duration_s > 0
+            else math.nan,
         }
     turns = sorted({r.turn for r in ok})
     if len(turns) > 1:
-        summary["ttft_ms_by_turn"] = {str(t): _stats([r.ttft for r in ok if r.turn == t]) for t in turns}
+        summary["ttft_ms_by_turn"] = {
+            str(t): _stats([r.ttft for r in ok if r.turn == t]) for t in turns
+        }
     return summary
 
 
@@ -422,11 +462,15 @@ def machine_info() -> dict[str, Any]:
         "num_cpus": os.cpu_count(),
         "sched_cpus": len(os.sched_getaffinity(0)),
         "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "gpus": run("nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"),
+        "gpus": run(
+            "nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"
+        ),
         "python": platform.python_version(),
         "versions": versions,
         "git_commit": run("git", "-C", str(repo), "rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(run("git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no")),
+        "git_dirty": bool(
+            run("git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no")
+        ),
         "loadavg": os.getloadavg(),
     }
 
@@ -452,10 +496,14 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
         if args.warmup:
             warm = make_jobs(source, args.warmup, args.input_len, 1)
             await run_load(backend, warm, concurrency=min(args.warmup, 8), source=source)
-        for concurrency in [int(c) for c in args.concurrency.split(",")] if args.concurrency else [None]:
+        for concurrency in (
+            [int(c) for c in args.concurrency.split(",")] if args.concurrency else [None]
+        ):
             num_jobs = max(args.num_requests // args.turns, concurrency or 1)
             jobs = make_jobs(source, num_jobs, args.input_len, args.turns)
-            label = f"c={concurrency}" if args.rate is None else f"rate={args.rate}/s c<={concurrency}"
+            label = (
+                f"c={concurrency}" if args.rate is None else f"rate={args.rate}/s c<={concurrency}"
+            )
             records, duration = await run_load(
                 backend,
                 jobs,
@@ -465,7 +513,9 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 source=source,
                 progress=label,
             )
-            summary = summarize(records, duration, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms)
+            summary = summarize(
+                records, duration, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms
+            )
             print(one_line(label, summary), flush=True)
             levels.append({"concurrency": concurrency, "rate": args.rate, **summary})
     finally:
@@ -480,17 +530,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8101")
     parser.add_argument("--model", default="shepherd-tiny")
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    parser.add_argument("--tokenizer", help="a directory with tokenizer.json: exact-length random prompts")
-    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated closed-loop levels")
-    parser.add_argument("--rate", type=float, help="Poisson arrivals per second instead of a closed loop")
+    parser.add_argument(
+        "--tokenizer", help="a directory with tokenizer.json: exact-length random prompts"
+    )
+    parser.add_argument(
+        "--concurrency", default="1,4,16,64", help="comma-separated closed-loop levels"
+    )
+    parser.add_argument(
+        "--rate", type=float, help="Poisson arrivals per second instead of a closed loop"
+    )
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--turns", type=int, default=1, help="requests per session (multi-turn when > 1)")
+    parser.add_argument(
+        "--turns", type=int, default=1, help="requests per session (multi-turn when > 1)"
+    )
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--ttft-slo-ms", type=float)
     parser.add_argument("--tpot-slo-ms", type=float)
-    parser.add_argument("--no-usage", action="store_true", help="count tokens by re-tokenizing the text")
+    parser.add_argument(
+        "--no-usage", action="store_true", help="count tokens by re-tokenizing the text"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="JSON results path")
     parser.add_argument("--plot", action="store_true", help="also write a PNG next to --out")
@@ -502,7 +562,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             from benchmarks.plots import plot_levels
 
             plot_levels(
-                {args.model: result["levels"]}, Path(args.out).with_suffix(".png"), title=args.base_url
+                {args.model: result["levels"]},
+                Path(args.out).with_suffix(".png"),
+                title=args.base_url,
             )
 
 

@@ -22,9 +22,11 @@ def plot_levels(
         ("itl_ms", "ITL (ms)", True),
         ("output_throughput", "output tokens/s", False),
     )
-    for axis, (key, label, has_percentiles) in zip(axes, panels):
+    for axis, (key, label, has_percentiles) in zip(axes, panels, strict=True):
         for name, levels in series.items():
-            points = [level for level in levels if level.get("concurrency")]
+            points = [level for level in levels if level.get("concurrency") and key in level]
+            if not points:
+                continue
             xs = [level["concurrency"] for level in points]
             if has_percentiles:
                 (line,) = axis.plot(

@@ -35,7 +35,9 @@ def session_pids(session_id: int) -> list[tuple[int, str]]:
     out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
     found = []
     for line in out.splitlines():
-        pid, sid, args = line.split(None, 2) if len(line.split(None, 2)) == 3 else (*line.split(), "")
+        pid, sid, args = (
+            line.split(None, 2) if len(line.split(None, 2)) == 3 else (*line.split(), "")
+        )
         if int(sid) == session_id:
             found.append((int(pid), args))
     return found
@@ -108,7 +110,9 @@ def serve_app(
     process_env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p
+        ),
         "SHEPHERD_CACHE_DIR": os.environ.get("SHEPHERD_CACHE_DIR", "/tmp/shepcache"),
         **(env or {}),
     }
@@ -120,7 +124,12 @@ def serve_app(
     command = [sys.executable, "-c", serve_cli, "run", "--address", "local", str(config_path)]
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            command, cwd=repo, env=process_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=repo,
+            env=process_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -140,7 +149,9 @@ def _wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"serve run exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            raise RuntimeError(
+                f"serve run exited with {process.returncode}:\n{log_path.read_text()[-4000:]}"
+            )
         try:
             with urllib.request.urlopen(f"{base_url}/v1/models", timeout=2) as response:
                 if response.status == 200:
