@@ -53,7 +53,11 @@ class Choice:
 
 
 def total_usage(choices: list[Choice]) -> Usage:
-    prompt = sum(c.generation.num_prompt_tokens for c in choices[:1])
+    """Each prompt counts once, however many choices it has (choices of one prompt share its id list)."""
+    prompts = {
+        id(c.generation.request.prompt_token_ids): c.generation.num_prompt_tokens for c in choices
+    }
+    prompt = sum(prompts.values())
     completion = sum(c.generation.num_completion_tokens for c in choices)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
@@ -252,9 +256,7 @@ async def completion_chunks(
         async for choice in merged:
             yield CompletionResponse(id=request_id, model=model, choices=[choice])
     if include_usage:
-        yield CompletionResponse(
-            id=request_id, model=model, choices=[], usage=_completion_usage(choices)
-        )
+        yield CompletionResponse(id=request_id, model=model, choices=[], usage=total_usage(choices))
 
 
 async def completion_response(
@@ -270,19 +272,7 @@ async def completion_response(
 
     results = await asyncio.gather(*(one(c, e) for c, e in zip(choices, echo, strict=True)))
     return CompletionResponse(
-        id=request_id, model=model, choices=list(results), usage=_completion_usage(choices)
-    )
-
-
-def _completion_usage(choices: list[Choice]) -> Usage:
-    # Each prompt counts once, however many choices it has.
-    prompts = {
-        id(c.generation.request.prompt_token_ids): c.generation.num_prompt_tokens for c in choices
-    }
-    prompt = sum(prompts.values())
-    completion = sum(c.generation.num_completion_tokens for c in choices)
-    return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        id=request_id, model=model, choices=list(results), usage=total_usage(choices)
     )
 
 
