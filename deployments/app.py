@@ -14,7 +14,7 @@ from ray.serve import Application
 from deployments.config import AppConfig
 from deployments.embedded_model import ensure_embedded_model
 from deployments.engine import engine_deployment
-from deployments.placement import check_replica_fits
+from deployments.placement import SERVE_REPLICA_ENV, check_replica_fits
 from deployments.router import Router
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests + _REFUSAL_HEADROOM,
         max_queued_requests=config.router.max_queued_requests,
-        ray_actor_options={"num_cpus": config.router.num_cpus_per_replica},
+        ray_actor_options={
+            "num_cpus": config.router.num_cpus_per_replica,
+            "runtime_env": {"env_vars": dict(SERVE_REPLICA_ENV)},
+        },
     )
     return router.bind(config, engine, model_dir, tokenizer_dir)

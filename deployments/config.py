@@ -114,6 +114,13 @@ class EngineConfig(_Strict):
     health_check_period_s: float = Field(
         default=10.0, gt=0, description="Serve health-check period."
     )
+    stream_interval_tokens: int = Field(
+        default=1,
+        ge=1,
+        description="Tokens per streamed item after the first (vLLM's and TensorRT-LLM's stream interval): "
+        "fewer, larger items cut the per-item cost of every hop. Counted, never timed: the first and the "
+        "last tokens go at once.",
+    )
     transformers: TransformersEngineConfig = Field(default_factory=TransformersEngineConfig)
     emulator: EmulatorConfig = Field(default_factory=EmulatorConfig)
     trtllm: TrtllmConfig = Field(

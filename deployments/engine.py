@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from ray import serve
@@ -43,11 +44,36 @@ def create_executor(config: EngineConfig, model_dir: str) -> Executor:
     raise ValueError(f"unknown engine kind {config.kind!r}")
 
 
+async def at_stream_interval(
+    deltas: AsyncIterator[TokenDelta], tokens: int
+) -> AsyncIterator[TokenDelta]:
+    """Merges deltas into items of at least `tokens` tokens (vLLM's and TensorRT-LLM's stream interval).
+
+    Counted, never timed: the first delta goes at once (TTFT), and the final one flushes what is held.
+    Every item crossing a Serve hop costs CPU in each process it passes, so fewer, larger items raise the
+    tokens/s a replica sustains (benchmarks/RESULTS.md, item 3)."""
+    pending: TokenDelta | None = None
+    is_first = True
+    async for delta in deltas:
+        if pending is None:
+            pending = delta
+        else:
+            pending.merge(delta)
+        if is_first or pending.is_final or len(pending.token_ids) >= tokens:
+            is_first = False
+            yield pending
+            pending = None
+    if pending is not None:
+        yield pending
+
+
 class Engine:
-    """Owns one Executor. `generate` forwards whatever the executor has ready, with no batching timer:
-    while Ray's stream is busy the executor's collector merges deltas, so items get larger under load."""
+    """Owns one Executor. `generate` forwards what the executor has ready, with no batching timer: while
+    Ray's stream is busy the executor's collector merges deltas, so items get larger under load, and after
+    the first token deltas are held until `stream_interval_tokens` tokens are ready (a count)."""
 
     async def __init__(self, config: EngineConfig, model_dir: str) -> None:
+        self._stream_interval = config.stream_interval_tokens
         self._executor = create_executor(config, model_dir)
         await self._executor.start()
         self._replica_id = serve.get_replica_context().replica_id.unique_id
@@ -68,8 +94,10 @@ class Engine:
                 "replica_id": self._replica_id,
             }
         )
-        async for delta in self._executor.generate(request):
-            yield delta
+        # aclosing: a client that goes away closes this generator, and that must reach the executor's.
+        async with aclosing(self._executor.generate(request)) as deltas:
+            async for item in at_stream_interval(deltas, self._stream_interval):
+                yield item
 
     def recent_requests(self) -> list[dict[str, Any]]:
         return list(self._recent)

@@ -154,7 +154,9 @@ class Generation:
         """(token id, logprob) pairs not taken yet: streamed chunks carry those of their own tokens."""
         start, end = self._num_logprobs_taken, len(self.logprobs)
         self._num_logprobs_taken = end
-        return list(zip(self.completion_token_ids[start:end], self.logprobs[start:end], strict=True))
+        return list(
+            zip(self.completion_token_ids[start:end], self.logprobs[start:end], strict=True)
+        )
 
     def _consume(self, delta: TokenDelta) -> TextEvent | None:
         self.completion_token_ids.extend(delta.token_ids)

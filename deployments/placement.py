@@ -11,6 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+# Ray Serve's fast path for streaming replicas, as Ray Serve LLM sets it: user code and the handle's
+# request router run on the replica's own event loop instead of a thread and a loop of their own, which
+# saves two cross-thread hops per streamed item (benchmarks/RESULTS.md, item 3).
+SERVE_REPLICA_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
 # Open MPI refuses to start as root without both variables (containers usually run as root).
 _MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
@@ -63,11 +71,12 @@ def engine_deployment_options(
             f"num_gpus ({num_gpus}) must be a multiple of tensor_parallel_size "
             f"({tensor_parallel_size}): an engine replica holds tp * pp GPUs"
         )
-    actor_options: dict[str, Any] = {"num_cpus": num_cpus}
+    env_vars = dict(SERVE_REPLICA_ENV)
+    if uses_mpi:
+        env_vars.update(mpi_env_vars(spawns_workers=num_gpus > 1))
+    actor_options: dict[str, Any] = {"num_cpus": num_cpus, "runtime_env": {"env_vars": env_vars}}
     if num_gpus:
         actor_options["num_gpus"] = num_gpus
-    if uses_mpi:
-        actor_options["runtime_env"] = {"env_vars": mpi_env_vars(spawns_workers=num_gpus > 1)}
     options: dict[str, Any] = {"ray_actor_options": actor_options}
     if num_gpus > 1:
         # Serve runs the replica actor in bundle 0: the bundle holds exactly the actor's resources.

@@ -227,7 +227,8 @@ class Router:
         self, config: AppConfig, engine: Any, model_dir: str, tokenizer_dir: str
     ) -> None:
         self._config = config
-        self._engine = engine.options(stream=True)
+        # Items travel over gRPC between replicas, not as one ObjectRef each (benchmarks/RESULTS.md).
+        self._engine = engine.options(stream=True, _by_reference=False)
         self._tokenizer = load_tokenizer(tokenizer_dir)
         capabilities = await engine.capabilities.remote()
         self._prompts = PromptBuilder(config, self._tokenizer, model_dir, capabilities)

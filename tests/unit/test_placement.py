@@ -7,7 +7,12 @@ from typing import Any
 
 import pytest
 
-from deployments.placement import check_replica_fits, engine_deployment_options, mpi_env_vars
+from deployments.placement import (
+    SERVE_REPLICA_ENV,
+    check_replica_fits,
+    engine_deployment_options,
+    mpi_env_vars,
+)
 from tests import trtllm_support as support
 
 
@@ -31,7 +36,7 @@ def test_tensor_parallel_replica_holds_all_gpus_in_one_strict_pack_bundle() -> N
     assert options["placement_group_strategy"] == "STRICT_PACK"
     assert options["ray_actor_options"]["num_gpus"] == 4  # the replica actor fits bundle 0
     env = options["ray_actor_options"]["runtime_env"]["env_vars"]
-    assert env == mpi_env_vars(spawns_workers=True)
+    assert env == {**SERVE_REPLICA_ENV, **mpi_env_vars(spawns_workers=True)}
     assert env["OMPI_MCA_rmaps_base_oversubscribe"] == "1"
     assert env["OMPI_MCA_hwloc_base_binding_policy"] == "none"
 
@@ -47,7 +52,9 @@ def test_cpu_engine_without_mpi_gets_plain_cpu_options() -> None:
     options = engine_deployment_options(
         num_gpus=0, num_cpus=1.5, tensor_parallel_size=1, uses_mpi=False
     )
-    assert options == {"ray_actor_options": {"num_cpus": 1.5}}
+    assert options == {
+        "ray_actor_options": {"num_cpus": 1.5, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}}
+    }
 
 
 @pytest.mark.parametrize(
