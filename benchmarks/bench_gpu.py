@@ -7,6 +7,7 @@ Phases (each in its own process, so GPU memory is returned between them; all wit
   stack1    the same engine behind real Ray Serve (HTTP -> proxy -> Router -> 1 Engine replica), each c;
             with `--variant NAME=TREE` several code trees (before/after a patch) in the same run
   stack2    two Engine replicas (one GPU each) behind the same Router: throughput scaling 1 -> 2
+  peer      item 5 on GPU 0: our stack against `transformers serve --continuous-batching`, same settings
 Beside them, pinned to cores the GPU phases do not use (a quiet "2-core machine" each, since the shared
 development machine is not quiet): cores 0-1 run bench_overhead's ttft and ceiling items (emulator engine) for
 every tree, cores 2-3 its throughput item and bench_peer (transformers serve); the GPU phases get cores 4+.
@@ -84,9 +85,9 @@ def engine_args(cfg: dict[str, Any], attn: str, cuda_graph: bool) -> dict[str, A
     }
 
 
-def num_requests(concurrency: int) -> int:
-    """One wave of `concurrency` requests (two at c=1): what a 10-minute lease affords at 1B scale."""
-    return max(2, concurrency)
+def num_requests(concurrency: int, waves: int = 1) -> int:
+    """`waves` waves of `concurrency` requests (at least two): what a 10-minute lease affords at 1B scale."""
+    return max(2, waves * concurrency)
 
 
 def card_names() -> list[str]:
@@ -207,7 +208,9 @@ def phase_executor(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
                 )
             out["warmup_s"] = time.perf_counter() - started
             for concurrency in cfg["levels"]:
-                jobs = loadgen.make_jobs(source, num_requests(concurrency), cfg["input_len"], 1)
+                jobs = loadgen.make_jobs(
+                    source, num_requests(concurrency, args.waves), cfg["input_len"], 1
+                )
                 records, duration = await loadgen.run_load(backend, jobs, concurrency=concurrency)
                 summary = loadgen.summarize(records, duration)
                 out["levels"].append({"concurrency": concurrency, **summary})
@@ -250,6 +253,7 @@ def phase_stack(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]
         "num_replicas": num_replicas,
         "tree": args.tree,
         "engine_json": args.engine_json,
+        "waves": args.waves,
         "levels": [],
     }
     started = time.perf_counter()
@@ -269,7 +273,9 @@ def phase_stack(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]
                     warm = loadgen.make_jobs(source, concurrency, cfg["input_len"], 1)
                     await loadgen.run_load(short, warm, concurrency=concurrency)
                 for concurrency in levels:
-                    jobs = loadgen.make_jobs(source, num_requests(concurrency), cfg["input_len"], 1)
+                    jobs = loadgen.make_jobs(
+                        source, num_requests(concurrency, args.waves), cfg["input_len"], 1
+                    )
                     records, duration = await loadgen.run_load(
                         backend, jobs, concurrency=concurrency
                     )
@@ -283,6 +289,58 @@ def phase_stack(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]
 
         asyncio.run(main())
     return out
+
+
+def phase_peer(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Item 5 on the GPU: our stack and `transformers serve --continuous-batching` on the 1B-shaped model, one
+    after the other on GPU 0, with the same dtype, attention, KV-cache and CUDA-graph settings."""
+    out_file = Path(args.work) / "gpu-peer.json"
+    gpu = cfg["device"] == "cuda"
+    engine = {"max_ongoing_requests": 64, **json.loads(args.engine_json)}
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_peer",
+        "--tree",
+        args.tree,
+        "--model-dir",
+        args.model_dir,
+        "--peer-python",
+        os.environ.get("PEER_PYTHON", sys.executable),
+        "--servers",
+        "shepherd,tf-serve",
+        "--shepherd-engine",
+        json.dumps(engine),
+        "--device",
+        cfg["device"],
+        "--dtype",
+        cfg["dtype"],
+        *(["--cuda-graph"] if gpu else []),
+        "--max-batch-tokens",
+        "2048" if gpu else "512",
+        "--concurrency",
+        "1,16,64" if gpu else "1,4",
+        "--min-requests",
+        "8" if gpu else "4",
+        "--sessions",
+        "16" if gpu else "2",
+        "--rounds",
+        str(args.peer_rounds),
+        "--port",
+        "8131",
+        "--out",
+        str(out_file),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if not line.startswith(("(", "[")):
+            print(f"  {line}", flush=True)
+    result: dict[str, Any] = {"cards": card_names(), "returncode": proc.returncode}
+    if out_file.exists():
+        result.update(json.loads(out_file.read_text()))
+    if proc.returncode != 0:
+        result["stderr_tail"] = proc.stderr[-2000:]
+    return result
 
 
 def _card() -> str:
@@ -303,6 +361,7 @@ PHASES = {
     "static": phase_static,
     "executor": phase_executor,
     "stack": phase_stack,
+    "peer": phase_peer,
 }
 
 
@@ -382,7 +441,7 @@ def main() -> None:
         "--cpu-tree", action="append", default=[], help="NAME=TREE: trees of the CPU jobs"
     )
     parser.add_argument(
-        "--skip", default="", help="comma-separated: static,executor,stack1,stack2,cpu"
+        "--skip", default="", help="comma-separated: static,executor,stack1,stack2,peer,cpu"
     )
     parser.add_argument("--phase")
     parser.add_argument("--result")
@@ -403,9 +462,18 @@ def main() -> None:
     parser.add_argument("--ceiling-levels", default="128,256")
     parser.add_argument("--peer-servers", default="shepherd,tf-serve,tf-serve-default-threads")
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument(
+        "--executor-configs", default="", help="e.g. sdpa:graph (default: every config)"
+    )
+    parser.add_argument("--waves", type=int, default=1, help="requests per level = waves x c")
+    parser.add_argument("--peer-rounds", type=int, default=1)
+    parser.add_argument(
+        "--cpu-tree-env", action="append", default=[], help="NAME=JSON serve-run env (CPU jobs)"
+    )
     parser.add_argument("--tree", default=".")
     args = parser.parse_args()
     args.cpu_tree_engine = dict(item.split("=", 1) for item in args.cpu_tree_engine)
+    args.cpu_tree_env = dict(item.split("=", 1) for item in args.cpu_tree_env)
     args.variant_engine = dict(item.split("=", 1) for item in args.variant_engine)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SHEPHERD_CACHE_DIR", str(Path(args.work) / "cache"))
@@ -462,10 +530,12 @@ def main() -> None:
     best: tuple[float, str] = (0.0, args.stack_engine_config)
     for attn, graph in cfg["engine_configs"]:
         name = f"{attn}:{'graph' if graph else 'nograph'}"
+        if args.executor_configs and name not in args.executor_configs.split(","):
+            continue
         if "executor" in skip or left() < 60:
             report[f"executor[{name}]"] = {"skipped": f"{left():.0f}s left"}
             continue
-        extra = [*base, "--engine-config", name]
+        extra = [*base, "--engine-config", name, "--waves", str(args.waves)]
         result = run_phase(f"executor:{name}", extra, args, min(200, left() - 30), gpu0, gpu_cores)
         report[f"executor[{name}]"] = result
         tok_s = best_tok_s(result.get("levels", []), max(cfg["levels"])) or 0.0
@@ -487,6 +557,8 @@ def main() -> None:
             "1",
             "--engine-json",
             args.variant_engine.get(variant, "{}"),
+            "--waves",
+            str(args.waves),
         ]
         report[f"stack1[{variant}]"] = run_phase(
             "stack", extra, args, min(180, left() - 20), {}, gpu_cores
@@ -505,8 +577,24 @@ def main() -> None:
             "2",
             "--engine-json",
             args.variant_engine.get(last_variant, "{}"),
+            "--waves",
+            str(args.waves),
         ]
         report["stack2"] = run_phase("stack", extra, args, min(200, left() - 10), {}, gpu_cores)
+        save()
+    if "peer" not in skip and left() > 90:
+        last_variant, last_tree = list(variants.items())[-1]
+        extra = [
+            "--model-dir",
+            model_dir,
+            "--tree",
+            last_tree,
+            "--engine-json",
+            args.variant_engine.get(last_variant, "{}"),
+            "--peer-rounds",
+            str(args.peer_rounds),
+        ]
+        report["peer"] = run_phase("peer", extra, args, left() - 10, gpu0, gpu_cores)
         save()
     for name, thread, results in jobs:
         thread.join(timeout=max(10.0, left() + 60))
@@ -549,6 +637,12 @@ def start_cpu_jobs(
             for n, e in args.cpu_tree_engine.items()
             if n in selected
             for a in ("--tree-engine", f"{n}={e}")
+        ]
+        out += [
+            a
+            for n, e in args.cpu_tree_env.items()
+            if n in selected
+            for a in ("--tree-env", f"{n}={e}")
         ]
         return out
 

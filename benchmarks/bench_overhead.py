@@ -130,7 +130,13 @@ def item_ttft(
         print(loadgen.one_line(f"ttft {kind} in-process", entry["in_process"]), flush=True)
         for name, tree in trees.items():
             overrides = stack_args(kind, model_dir, args.tree_engine.get(name))
-            with serve_app(config_of(kind), port=args.port, args=overrides, repo=tree) as app:
+            with serve_app(
+                config_of(kind),
+                port=args.port,
+                args=overrides,
+                repo=tree,
+                env=args.tree_env.get(name),
+            ) as app:
                 stack = asyncio.run(run_stack(app.base_url, jobs, 1, 32, app.pids()))
                 stack["get_models_ms"] = asyncio.run(models_latency_ms(app.base_url))
             entry[f"stack[{name}]"] = stack
@@ -167,7 +173,13 @@ def item_throughput(
     print(loadgen.one_line("throughput c=64 in-process", entry["in_process"]), flush=True)
     for name, tree in trees.items():
         overrides = stack_args("transformers", model_dir, args.tree_engine.get(name))
-        with serve_app("serve_config.yaml", port=args.port, args=overrides, repo=tree) as app:
+        with serve_app(
+            "serve_config.yaml",
+            port=args.port,
+            args=overrides,
+            repo=tree,
+            env=args.tree_env.get(name),
+        ) as app:
             stack = asyncio.run(run_stack(app.base_url, jobs, 64, 128, app.pids()))
         entry[f"stack[{name}]"] = stack
         entry[f"ratio[{name}]"] = (
@@ -196,7 +208,13 @@ def item_ceiling(
     for index, (name, tree) in enumerate(trees.items()):
         runs = []
         overrides = stack_args("emulator", model_dir, args.tree_engine.get(name))
-        with serve_app(config_of("emulator"), port=args.port, args=overrides, repo=tree) as app:
+        with serve_app(
+            config_of("emulator"),
+            port=args.port,
+            args=overrides,
+            repo=tree,
+            env=args.tree_env.get(name),
+        ) as app:
             for concurrency in levels:
                 jobs = loadgen.make_jobs(
                     source, max(64, concurrency * args.ceiling_waves), args.input_len, 1
@@ -258,6 +276,12 @@ def main() -> None:
         help='NAME={"stream_interval_tokens": 4}: engine args for one tree only',
     )
     parser.add_argument(
+        "--tree-env",
+        action="append",
+        default=[],
+        help='NAME={"RAY_SERVE_ENABLE_HA_PROXY": "1"}: environment of one tree\'s `serve run`',
+    )
+    parser.add_argument(
         "--engines", default="emulator,transformers", help="engines of the ttft item"
     )
     parser.add_argument("--ttft-requests", type=int, default=100)
@@ -274,6 +298,7 @@ def main() -> None:
     args = parser.parse_args()
     trees = dict(item.split("=", 1) for item in args.tree)
     args.tree_engine = {k: json.loads(v) for k, v in (i.split("=", 1) for i in args.tree_engine)}
+    args.tree_env = {k: json.loads(v) for k, v in (i.split("=", 1) for i in args.tree_env)}
     if not trees:
         trees = {"base": str(snapshot())}
         for item in args.patch:

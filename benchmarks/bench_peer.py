@@ -9,7 +9,8 @@ Servers, one at a time on the same cores:
              one thread (`--n_threads 1`); it decodes one sequence at a time
 Loads: single-turn random prompts at each `--concurrency`, and multi-turn sessions whose history grows by each
 answer (`--turns`). The model is the embedded one with special tokens silenced, so every answer has exactly
-`--output-len` tokens on every server. KV-cache settings are the same for both transformers servers.
+`--output-len` tokens on every server. KV-cache, dtype, attention and CUDA-graph settings are the same for both
+transformers servers (`--device cuda` runs both on one GPU, one at a time).
 
     python -m benchmarks.bench_peer --tree .bench-tree/fixed --peer-python /tmp/peer-venv/bin/python \
         --gguf /tmp/shepcache/bench-tiny-noeos.gguf --out benchmarks/results/peer.json
@@ -35,7 +36,7 @@ from typing import Any
 from benchmarks import loadgen
 from benchmarks.server import kill_session, port_is_free, serve_app
 
-NUM_BLOCKS, PAGE_SIZE, MAX_BATCH_TOKENS = 512, 64, 512
+NUM_BLOCKS, PAGE_SIZE = 512, 64
 
 
 @contextlib.contextmanager
@@ -81,15 +82,20 @@ def start(name: str, args: argparse.Namespace, port: int) -> Iterator[tuple[str,
     """(base_url, model name to send) of server `name`."""
     base_url = f"http://127.0.0.1:{port}"
     if name == "shepherd":
+        gpu = args.device == "cuda"
         overrides = {
             "model": {"path": args.model_dir, "served_model_name": "shepherd-tiny"},
             "engine": {
+                "num_gpus_per_replica": 1 if gpu else 0,
                 **json.loads(args.shepherd_engine),
                 "transformers": {
-                    "device": "cpu",
+                    "device": args.device,
+                    "dtype": args.dtype,
+                    "attn_implementation": "sdpa",
                     "num_blocks": NUM_BLOCKS,
                     "page_size": PAGE_SIZE,
-                    "max_batch_tokens": MAX_BATCH_TOKENS,
+                    "max_batch_tokens": args.max_batch_tokens,
+                    "use_cuda_graph": args.cuda_graph,
                 },
             },
         }
@@ -103,15 +109,18 @@ def start(name: str, args: argparse.Namespace, port: int) -> Iterator[tuple[str,
             "serve",
             "--continuous-batching",
             "--device",
-            "cpu",
+            args.device,
             "--dtype",
-            "float32",
+            args.dtype,
+            "--attn-implementation",
+            "sdpa",
+            "--cb-use-cuda-graph" if args.cuda_graph else "--no-cb-use-cuda-graph",
             "--cb-num-blocks",
             str(NUM_BLOCKS),
             "--cb-block-size",
             str(PAGE_SIZE),
             "--cb-max-batch-tokens",
-            str(MAX_BATCH_TOKENS),
+            str(args.max_batch_tokens),
             "--host",
             "127.0.0.1",
             "--port",
@@ -192,6 +201,12 @@ def main() -> None:
     parser.add_argument("--gguf", help="the same weights as GGUF, for llama-cpp-python's server")
     parser.add_argument("--servers", default="shepherd,tf-serve,tf-serve-default-threads,llama.cpp")
     parser.add_argument("--shepherd-engine", default="{}", help="JSON engine args of our stack")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per server)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="CUDA graphs in both transformers servers"
+    )
+    parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--min-requests", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=128)

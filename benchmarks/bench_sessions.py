@@ -15,21 +15,24 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from benchmarks.server import REPO, serve_app
 
 MODEL = "shepherd-tiny"
-WORDS = "token cache engine replica session prefix stream batch router tensor parallel serve".split()
+WORDS = (
+    "token cache engine replica session prefix stream batch router tensor parallel serve".split()
+)
 
 
 def _text(seed: int, num_words: int) -> str:
     return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(num_words))
 
 
-async def _turn(client: httpx.AsyncClient, base_url: str, session_id: str, text: str, max_tokens: int) -> float:
+async def _turn(
+    client: httpx.AsyncClient, base_url: str, session_id: str, text: str, max_tokens: int
+) -> float:
     body = {
         "model": MODEL,
         "session_id": session_id,
@@ -44,7 +47,9 @@ async def _turn(client: httpx.AsyncClient, base_url: str, session_id: str, text:
         response.raise_for_status()
         # Read to the end: the next turn may only start once this one is committed.
         async for line in response.aiter_lines():
-            is_content = line.startswith("data: {") and '"content":"' in line and '"content":""' not in line
+            is_content = (
+                line.startswith("data: {") and '"content":"' in line and '"content":""' not in line
+            )
             if ttft is None and is_content:
                 ttft = time.perf_counter() - start
     if ttft is None:
@@ -55,17 +60,25 @@ async def _turn(client: httpx.AsyncClient, base_url: str, session_id: str, text:
 async def _session(
     client: httpx.AsyncClient, base_url: str, index: int, args: argparse.Namespace
 ) -> list[float]:
-    created = await client.post(f"{base_url}/v1/sessions", json={"system_prompt": _text(index, args.system_words)})
+    created = await client.post(
+        f"{base_url}/v1/sessions", json={"system_prompt": _text(index, args.system_words)}
+    )
     session_id = created.json()["id"]
     return [
-        await _turn(client, base_url, session_id, _text(index * 31 + turn, args.turn_words), args.max_tokens)
+        await _turn(
+            client, base_url, session_id, _text(index * 31 + turn, args.turn_words), args.max_tokens
+        )
         for turn in range(args.turns)
     ]
 
 
 async def _workload(base_url: str, args: argparse.Namespace) -> list[list[float]]:
     async with httpx.AsyncClient(timeout=300) as client:
-        return list(await asyncio.gather(*(_session(client, base_url, i, args) for i in range(args.sessions))))
+        return list(
+            await asyncio.gather(
+                *(_session(client, base_url, i, args) for i in range(args.sessions))
+            )
+        )
 
 
 def _measure(router: str, port: int, args: argparse.Namespace) -> list[list[float]]:
@@ -74,7 +87,9 @@ def _measure(router: str, port: int, args: argparse.Namespace) -> list[list[floa
         "router": {"num_cpus_per_replica": 0.25},
     }
     with serve_app("serve_config.yaml", port=port, args=overrides, num_cpus=4) as app:
-        asyncio.run(_workload(app.base_url, argparse.Namespace(**{**vars(args), "turns": 1})))  # warm-up
+        asyncio.run(
+            _workload(app.base_url, argparse.Namespace(**{**vars(args), "turns": 1}))
+        )  # warm-up
         return asyncio.run(_workload(app.base_url, args))
 
 
@@ -89,7 +104,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sessions.json"))
     args = parser.parse_args()
 
-    results = {router: _measure(router, args.port, args) for router in ("session_affinity", "power_of_two")}
+    results = {
+        router: _measure(router, args.port, args) for router in ("session_affinity", "power_of_two")
+    }
     table = []
     for turn in range(args.turns):
         row = {"turn": turn + 1}
@@ -110,11 +127,17 @@ def main() -> None:
     )
     print(f"{'turn':>4} {'affinity ms':>12} {'default ms':>11} {'ratio':>6}")
     for row in table:
-        print(f"{row['turn']:>4} {row['session_affinity']:>12.1f} {row['power_of_two']:>11.1f} {row['ratio']:>6.2f}")
-    print(f"turns >= 3: default/affinity median TTFT = {summary['ratio_turns_3_plus']:.2f} ({len(late)} turns)")
+        print(
+            f"{row['turn']:>4} {row['session_affinity']:>12.1f} {row['power_of_two']:>11.1f} {row['ratio']:>6.2f}"
+        )
+    print(
+        f"turns >= 3: default/affinity median TTFT = {summary['ratio_turns_3_plus']:.2f} ({len(late)} turns)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
-        json.dumps({"args": vars(args), "per_turn": table, "summary": summary, "raw_s": results}, indent=1)
+        json.dumps(
+            {"args": vars(args), "per_turn": table, "summary": summary, "raw_s": results}, indent=1
+        )
     )
 
 
