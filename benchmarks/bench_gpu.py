@@ -257,7 +257,9 @@ def phase_stack(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]
         "levels": [],
     }
     started = time.perf_counter()
-    with serve_app("serve_config.yaml", port=PORT, args=overrides, repo=args.tree) as app:
+    env = json.loads(args.env_json)
+    out["env"] = env
+    with serve_app("serve_config.yaml", port=PORT, args=overrides, repo=args.tree, env=env) as app:
         out["startup_s"] = time.perf_counter() - started
 
         async def main() -> None:
@@ -311,6 +313,8 @@ def phase_peer(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
         "shepherd,tf-serve",
         "--shepherd-engine",
         json.dumps(engine),
+        "--shepherd-env",
+        args.env_json,
         "--device",
         cfg["device"],
         "--dtype",
@@ -454,6 +458,10 @@ def main() -> None:
         "--variant-engine", action="append", default=[], help="NAME=JSON engine args (GPU stack)"
     )
     parser.add_argument("--engine-json", default="{}")
+    parser.add_argument("--env-json", default="{}", help="environment of the stack's `serve run`")
+    parser.add_argument(
+        "--variant-env", action="append", default=[], help="NAME=JSON serve-run env (GPU stack)"
+    )
     parser.add_argument(
         "--cpu-tree-engine", action="append", default=[], help="NAME=JSON engine args (CPU jobs)"
     )
@@ -475,6 +483,7 @@ def main() -> None:
     args.cpu_tree_engine = dict(item.split("=", 1) for item in args.cpu_tree_engine)
     args.cpu_tree_env = dict(item.split("=", 1) for item in args.cpu_tree_env)
     args.variant_engine = dict(item.split("=", 1) for item in args.variant_engine)
+    args.variant_env = dict(item.split("=", 1) for item in args.variant_env)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SHEPHERD_CACHE_DIR", str(Path(args.work) / "cache"))
     cfg = settings(args.dry_run)
@@ -557,6 +566,8 @@ def main() -> None:
             "1",
             "--engine-json",
             args.variant_engine.get(variant, "{}"),
+            "--env-json",
+            args.variant_env.get(variant, "{}"),
             "--waves",
             str(args.waves),
         ]
@@ -577,6 +588,8 @@ def main() -> None:
             "2",
             "--engine-json",
             args.variant_engine.get(last_variant, "{}"),
+            "--env-json",
+            args.variant_env.get(last_variant, "{}"),
             "--waves",
             str(args.waves),
         ]
@@ -591,6 +604,8 @@ def main() -> None:
             last_tree,
             "--engine-json",
             args.variant_engine.get(last_variant, "{}"),
+            "--env-json",
+            args.variant_env.get(last_variant, "{}"),
             "--peer-rounds",
             str(args.peer_rounds),
         ]

@@ -99,7 +99,10 @@ def start(name: str, args: argparse.Namespace, port: int) -> Iterator[tuple[str,
                 },
             },
         }
-        with serve_app("serve_config.yaml", port=port, args=overrides, repo=args.tree) as app:
+        env = json.loads(args.shepherd_env)
+        with serve_app(
+            "serve_config.yaml", port=port, args=overrides, repo=args.tree, env=env
+        ) as app:
             yield app.base_url, "shepherd-tiny"
     elif name.startswith("tf-serve"):
         command = [
@@ -201,6 +204,9 @@ def main() -> None:
     parser.add_argument("--gguf", help="the same weights as GGUF, for llama-cpp-python's server")
     parser.add_argument("--servers", default="shepherd,tf-serve,tf-serve-default-threads,llama.cpp")
     parser.add_argument("--shepherd-engine", default="{}", help="JSON engine args of our stack")
+    parser.add_argument(
+        "--shepherd-env", default="{}", help="JSON env of its `serve run`, e.g. HAProxy ingress"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per server)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument(
