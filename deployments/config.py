@@ -61,13 +61,6 @@ class TransformersEngineConfig(_Strict):
         default=True, description="Reuse KV blocks of shared prefixes."
     )
     use_cuda_graph: bool = Field(default=False, description="CUDA graphs on GPU (ignored on CPU).")
-    gil_switch_interval_ms: float | None = Field(
-        default=None,
-        gt=0,
-        description="The replica's GIL switch interval (Python's default: 5 ms). The batching thread runs "
-        "Python between kernels; a shorter interval lets the replica's event loop (new requests, streamed "
-        "items) take the GIL sooner. `null` keeps Python's.",
-    )
     scheduler: Literal["fifo", "prefill_first"] = Field(default="fifo", description="CB scheduler.")
 
 

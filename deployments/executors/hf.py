@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,8 +73,6 @@ class TransformersExecutor(Executor):
 
     async def start(self) -> None:
         await super().start()
-        if self._config.gil_switch_interval_ms is not None:
-            sys.setswitchinterval(self._config.gil_switch_interval_ms / 1000)
         # Loading weights and starting the CB thread blocks for seconds: keep it off the loop.
         await asyncio.to_thread(self._load_and_start)
 
