@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -71,23 +72,17 @@ class ServeApp:
     ray_address: str
 
 
-@pytest.fixture(scope="session")
-def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
-    if not _port_is_free(8000):
-        pytest.fail("port 8000 is busy: stop the other server (serve_config.yaml listens there)")
-    log_path = tmp_path_factory.mktemp("serve") / "serve-run.log"
-    env = {
-        **os.environ,
-        "SHEPHERD_CACHE_DIR": str(model_dir.parent),
-        "SHEPHERD_API_KEYS": f"{API_KEY},{OTHER_API_KEY}",
-        "PYTHONUNBUFFERED": "1",
-    }
+@contextlib.contextmanager
+def serve_run(
+    config: Path, base_url: str, log_path: Path, env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`serve run CONFIG` from the repository root, ready once GET /v1/models answers; stopped after."""
     serve_bin = Path(sys.executable).parent / "serve"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(serve_bin), "run", "serve_config.yaml"],
+            [str(serve_bin), "run", str(config)],
             cwd=REPO,
-            env=env,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -100,14 +95,14 @@ def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
                     f"serve run exited with {process.returncode}:\n{log_path.read_text()[-4000:]}"
                 )
             try:
-                if httpx.get(f"{BASE_URL}/v1/models", headers=AUTH, timeout=2).status_code == 200:
+                if httpx.get(f"{base_url}/v1/models", headers=AUTH, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"serve run did not become ready:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.5)
-        yield ServeApp(base_url=BASE_URL, ray_address=_gcs_address(process.pid))
+        yield process
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -115,6 +110,22 @@ def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         except subprocess.TimeoutExpired:
             pass
         _kill_session(process.pid)
+
+
+def app_env(model_dir: Path) -> dict[str, str]:
+    return {
+        "SHEPHERD_CACHE_DIR": str(model_dir.parent),
+        "SHEPHERD_API_KEYS": f"{API_KEY},{OTHER_API_KEY}",
+    }
+
+
+@pytest.fixture(scope="session")
+def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
+    if not _port_is_free(8000):
+        pytest.fail("port 8000 is busy: stop the other server (serve_config.yaml listens there)")
+    log_path = tmp_path_factory.mktemp("serve") / "serve-run.log"
+    with serve_run(Path("serve_config.yaml"), BASE_URL, log_path, app_env(model_dir)) as process:
+        yield ServeApp(base_url=BASE_URL, ray_address=_gcs_address(process.pid))
 
 
 @pytest.fixture(scope="module")

@@ -193,8 +193,12 @@ def test_a_subnormal_temperature_is_greedy_and_does_not_break_the_batch(
         try:
             tiny = SamplingParams(temperature=1.1125369292536007e-308)
             requests = [
-                GenerateRequest(request_id="tiny", prompt_token_ids=ids, max_tokens=8, sampling=tiny),
-                GenerateRequest(request_id="next", prompt_token_ids=ids, max_tokens=8, sampling=GREEDY),
+                GenerateRequest(
+                    request_id="tiny", prompt_token_ids=ids, max_tokens=8, sampling=tiny
+                ),
+                GenerateRequest(
+                    request_id="next", prompt_token_ids=ids, max_tokens=8, sampling=GREEDY
+                ),
             ]
             return list(await asyncio.gather(*(collect(executor.generate(r)) for r in requests)))
         finally:
