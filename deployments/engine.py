@@ -51,7 +51,7 @@ async def at_stream_interval(
 
     Counted, never timed: the first delta goes at once (TTFT), and the final one flushes what is held.
     Every item crossing a Serve hop costs CPU in each process it passes, so fewer, larger items raise the
-    tokens/s a replica sustains (benchmarks/RESULTS.md, item 3)."""
+    tokens/s a replica sustains (benchmarks/RESULTS.md, R2.3)."""
     pending: TokenDelta | None = None
     is_first = True
     async for delta in deltas:

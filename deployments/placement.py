@@ -13,7 +13,7 @@ from typing import Any
 
 # Ray Serve's fast path for streaming replicas, as Ray Serve LLM sets it: user code and the handle's
 # request router run on the replica's own event loop instead of a thread and a loop of their own, which
-# saves two cross-thread hops per streamed item (benchmarks/RESULTS.md, item 3).
+# saves two cross-thread hops per streamed item (benchmarks/RESULTS.md, R1.3).
 SERVE_REPLICA_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",

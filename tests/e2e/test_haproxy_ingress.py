@@ -1,6 +1,6 @@
 """Ray Serve's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1 serve run serve_config.yaml`): HAProxy forwards
 HTTP straight to the Router replica's own server, skipping Serve's proxy actor and its two extra hops per
-request (benchmarks/RESULTS.md, item 1). The same app must behave the same behind it: streaming, errors, and a
+request (benchmarks/RESULTS.md, R2.1). The same app must behave the same behind it: streaming, errors, and a
 client that goes away mid-turn."""
 
 from __future__ import annotations
