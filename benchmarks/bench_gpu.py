@@ -227,6 +227,12 @@ def phase_executor(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
     return out
 
 
+def tree_commit(tree: str) -> str | None:
+    """The commit a frozen tree was built from (benchmarks.trees writes it; the device has no .git)."""
+    path = Path(tree) / "COMMIT"
+    return path.read_text().strip() if path.exists() else None
+
+
 def phase_stack(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.server import serve_app
 
@@ -252,6 +258,7 @@ def phase_stack(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]
         "cards": card_names(),
         "num_replicas": num_replicas,
         "tree": args.tree,
+        "tree_commit": tree_commit(args.tree),
         "engine_json": args.engine_json,
         "waves": args.waves,
         "levels": [],
@@ -293,48 +300,80 @@ def phase_stack(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def peer_command(
+    *,
+    tree: str,
+    model_dir: str,
+    servers: str,
+    engine_json: str,
+    env_json: str,
+    concurrency: str,
+    min_requests: int,
+    sessions: int,
+    port: int,
+    out: Path,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """The `benchmarks.bench_peer` command line of the GPU peer phase and of the CPU peer job."""
+    return [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_peer",
+        "--tree",
+        tree,
+        "--model-dir",
+        model_dir,
+        "--peer-python",
+        os.environ.get("PEER_PYTHON", sys.executable),
+        "--servers",
+        servers,
+        "--shepherd-engine",
+        engine_json,
+        "--shepherd-env",
+        env_json,
+        "--concurrency",
+        concurrency,
+        "--min-requests",
+        str(min_requests),
+        "--sessions",
+        str(sessions),
+        "--port",
+        str(port),
+        "--out",
+        str(out),
+        *(extra or []),
+    ]
+
+
 def phase_peer(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     """Item 5 on the GPU: our stack and `transformers serve --continuous-batching` on the 1B-shaped model, one
     after the other on GPU 0, with the same dtype, attention, KV-cache and CUDA-graph settings."""
     out_file = Path(args.work) / "gpu-peer.json"
     gpu = cfg["device"] == "cuda"
     engine = {"max_ongoing_requests": 64, **json.loads(args.engine_json)}
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.bench_peer",
-        "--tree",
-        args.tree,
-        "--model-dir",
-        args.model_dir,
-        "--peer-python",
-        os.environ.get("PEER_PYTHON", sys.executable),
-        "--servers",
-        "shepherd,tf-serve",
-        "--shepherd-engine",
-        json.dumps(engine),
-        "--shepherd-env",
-        args.env_json,
-        "--device",
-        cfg["device"],
-        "--dtype",
-        cfg["dtype"],
-        *(["--cuda-graph"] if gpu else []),
-        "--max-batch-tokens",
-        "2048" if gpu else "512",
-        "--concurrency",
-        "1,16,64" if gpu else "1,4",
-        "--min-requests",
-        "8" if gpu else "4",
-        "--sessions",
-        "16" if gpu else "2",
-        "--rounds",
-        str(args.peer_rounds),
-        "--port",
-        "8131",
-        "--out",
-        str(out_file),
-    ]
+    command = peer_command(
+        tree=args.tree,
+        model_dir=args.model_dir,
+        servers="shepherd,tf-serve",
+        engine_json=json.dumps(engine),
+        env_json=args.env_json,
+        concurrency="1,16,64" if gpu else "1,4",
+        min_requests=8 if gpu else 4,
+        sessions=16 if gpu else 2,
+        port=8131,
+        out=out_file,
+        extra=[
+            "--device",
+            cfg["device"],
+            "--dtype",
+            cfg["dtype"],
+            *(["--cuda-graph"] if gpu else []),
+            "--max-batch-tokens",
+            "2048" if gpu else "512",
+            "--rounds",
+            str(args.peer_rounds),
+        ],
+    )
     proc = subprocess.run(command, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if not line.startswith(("(", "[")):
@@ -551,25 +590,22 @@ def main() -> None:
         best = max(best, (tok_s, name))
         save()
     report["stack_engine_config"] = best[1]
+
+    def variant_args(variant: str, tree: str) -> list[str]:
+        """The model, code tree, engine args and `serve run` environment of one variant's phases."""
+        return [
+            *("--model-dir", model_dir, "--tree", tree),
+            *("--engine-json", args.variant_engine.get(variant, "{}")),
+            *("--env-json", args.variant_env.get(variant, "{}")),
+        ]
+
     for variant, tree in variants.items():
         if "stack1" in skip or left() < 60:
             report[f"stack1[{variant}]"] = {"skipped": f"{left():.0f}s left"}
             continue
         extra = [
-            "--model-dir",
-            model_dir,
-            "--tree",
-            tree,
-            "--engine-config",
-            best[1],
-            "--replicas",
-            "1",
-            "--engine-json",
-            args.variant_engine.get(variant, "{}"),
-            "--env-json",
-            args.variant_env.get(variant, "{}"),
-            "--waves",
-            str(args.waves),
+            *variant_args(variant, tree),
+            *("--engine-config", best[1], "--replicas", "1", "--waves", str(args.waves)),
         ]
         report[f"stack1[{variant}]"] = run_phase(
             "stack", extra, args, min(180, left() - 20), {}, gpu_cores
@@ -578,37 +614,14 @@ def main() -> None:
     if "stack2" not in skip and left() > 70:
         last_variant, last_tree = list(variants.items())[-1]
         extra = [
-            "--model-dir",
-            model_dir,
-            "--tree",
-            last_tree,
-            "--engine-config",
-            best[1],
-            "--replicas",
-            "2",
-            "--engine-json",
-            args.variant_engine.get(last_variant, "{}"),
-            "--env-json",
-            args.variant_env.get(last_variant, "{}"),
-            "--waves",
-            str(args.waves),
+            *variant_args(last_variant, last_tree),
+            *("--engine-config", best[1], "--replicas", "2", "--waves", str(args.waves)),
         ]
         report["stack2"] = run_phase("stack", extra, args, min(200, left() - 10), {}, gpu_cores)
         save()
     if "peer" not in skip and left() > 90:
         last_variant, last_tree = list(variants.items())[-1]
-        extra = [
-            "--model-dir",
-            model_dir,
-            "--tree",
-            last_tree,
-            "--engine-json",
-            args.variant_engine.get(last_variant, "{}"),
-            "--env-json",
-            args.variant_env.get(last_variant, "{}"),
-            "--peer-rounds",
-            str(args.peer_rounds),
-        ]
+        extra = [*variant_args(last_variant, last_tree), "--peer-rounds", str(args.peer_rounds)]
         report["peer"] = run_phase("peer", extra, args, left() - 10, gpu0, gpu_cores)
         save()
     for name, thread, results in jobs:
@@ -706,31 +719,18 @@ def start_cpu_jobs(
             "--out",
             str(work / "cpu-throughput.json"),
         ],
-        "peer": [
-            sys.executable,
-            "-m",
-            "benchmarks.bench_peer",
-            "--tree",
-            trees[names[-1]],
-            "--model-dir",
-            tiny_model_dir,
-            "--peer-python",
-            os.environ.get("PEER_PYTHON", sys.executable),
-            "--servers",
-            args.peer_servers,
-            "--shepherd-engine",
-            args.cpu_tree_engine.get(names[-1], "{}"),
-            "--concurrency",
-            "1,4" if small else "1,16",
-            "--min-requests",
-            "4" if small else "16",
-            "--sessions",
-            "2" if small else "8",
-            "--port",
-            "8121",
-            "--out",
-            str(work / "cpu-peer.json"),
-        ],
+        "peer": peer_command(
+            tree=trees[names[-1]],
+            model_dir=tiny_model_dir,
+            servers=args.peer_servers,
+            engine_json=args.cpu_tree_engine.get(names[-1], "{}"),
+            env_json=args.cpu_tree_env.get(names[-1], "{}"),
+            concurrency="1,4" if small else "1,16",
+            min_requests=4 if small else 16,
+            sessions=2 if small else 8,
+            port=8121,
+            out=work / "cpu-peer.json",
+        ),
     }
     groups = physical_core_groups()
     pinned = (

@@ -12,8 +12,9 @@ in a GenerateRequest with the router's end id) and the same engine args. The sta
 `--tree NAME=DIR` (prebuilt, e.g. by benchmarks.trees), else a snapshot of HEAD plus one per
 `--patch NAME=a.diff[,b.diff]`; every tree is measured in the same run (before/after).
 
-    SHEPHERD_CACHE_DIR=/tmp/shepcache python -m benchmarks.bench_overhead \
-        --patch grpc=benchmarks/proposed-patches/grpc-engine-handle.diff
+    SHEPHERD_CACHE_DIR=/tmp/shepcache python -m benchmarks.bench_overhead --items ttft --engines emulator \
+        --tree default=.bench-tree/head --tree haproxy=.bench-tree/head \
+        --tree-env 'haproxy={"RAY_SERVE_ENABLE_HA_PROXY": "1"}'
 """
 
 from __future__ import annotations

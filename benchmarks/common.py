@@ -18,7 +18,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PLOTS = REPO / "benchmarks" / "plots"
-PATCHES = REPO / "benchmarks" / "proposed-patches"
 
 
 def app_args(config: str | Path, repo: Path = REPO) -> dict[str, Any]:

@@ -7,6 +7,7 @@ device machine gets no `.git`, so the trees are built here and carried (`carry: 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 
 from benchmarks.common import REPO, snapshot
@@ -21,6 +22,14 @@ def main() -> None:
         tree = snapshot([p for p in patches.split(",") if p])
         for extra in ("tests", "cluster"):  # not needed to serve; keeps the carried trees small
             shutil.rmtree(tree / extra, ignore_errors=True)
+        # The device machine has no .git: the tree says which commit (and patches) it froze.
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        (tree / "COMMIT").write_text(f"{head} {patches}".strip() + "\n")
         shutil.move(str(tree), root / name)
         print(root / name)
 

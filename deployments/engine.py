@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -45,26 +45,35 @@ def create_executor(config: EngineConfig, model_dir: str) -> Executor:
 
 
 async def at_stream_interval(
-    deltas: AsyncIterator[TokenDelta], tokens: int
-) -> AsyncIterator[TokenDelta]:
-    """Merges deltas into items of at least `tokens` tokens (vLLM's and TensorRT-LLM's stream interval).
+    deltas: AsyncGenerator[TokenDelta, None], num_tokens: int
+) -> AsyncGenerator[TokenDelta, None]:
+    """Merges deltas into items of at least `num_tokens` tokens (vLLM's and TensorRT-LLM's stream interval).
 
-    Counted, never timed: the first delta goes at once (TTFT), and the final one flushes what is held.
-    Every item crossing a Serve hop costs CPU in each process it passes, so fewer, larger items raise the
-    tokens/s a replica sustains (benchmarks/RESULTS.md, R2.3)."""
-    pending: TokenDelta | None = None
-    is_first = True
-    async for delta in deltas:
-        if pending is None:
-            pending = delta
-        else:
-            pending.merge(delta)
-        if is_first or pending.is_final or len(pending.token_ids) >= tokens:
-            is_first = False
+    Counted, never timed: the first delta goes at once (TTFT), and the final one flushes what is held. Every
+    item crossing a Serve hop costs CPU in each process it passes, so fewer, larger items raise the tokens/s a
+    replica sustains (benchmarks/RESULTS.md, R2.3). Held tokens go out before an error, as the executors
+    promise (delta first, then the error). Closing this generator closes `deltas`: a client that goes away
+    must reach the executor, which cancels the request.
+    """
+    async with aclosing(deltas):
+        pending: TokenDelta | None = None
+        is_first = True
+        try:
+            async for delta in deltas:
+                if pending is None:
+                    pending = delta
+                else:
+                    pending.merge(delta)
+                if is_first or pending.is_final or len(pending.token_ids) >= num_tokens:
+                    is_first = False
+                    item, pending = pending, None
+                    yield item
+        except Exception:
+            if pending is not None:
+                yield pending
+            raise
+        if pending is not None:
             yield pending
-            pending = None
-    if pending is not None:
-        yield pending
 
 
 class Engine:
@@ -73,7 +82,7 @@ class Engine:
     the first token deltas are held until `stream_interval_tokens` tokens are ready (a count)."""
 
     async def __init__(self, config: EngineConfig, model_dir: str) -> None:
-        self._stream_interval = config.stream_interval_tokens
+        self._stream_interval_tokens = config.stream_interval_tokens
         self._executor = create_executor(config, model_dir)
         await self._executor.start()
         self._replica_id = serve.get_replica_context().replica_id.unique_id
@@ -94,9 +103,9 @@ class Engine:
                 "replica_id": self._replica_id,
             }
         )
-        # aclosing: a client that goes away closes this generator, and that must reach the executor's.
-        async with aclosing(self._executor.generate(request)) as deltas:
-            async for item in at_stream_interval(deltas, self._stream_interval):
+        items = at_stream_interval(self._executor.generate(request), self._stream_interval_tokens)
+        async with aclosing(items):  # Serve closing this generator must reach the executor's
+            async for item in items:
                 yield item
 
     def recent_requests(self) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 
 from deployments.errors import EngineDead, EngineError
 from deployments.messages import (
@@ -138,7 +138,7 @@ class Executor(abc.ABC):
         return 0
 
     # ---- what callers use ------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         """Submit `request` and yield its deltas until one carries a finish reason.
 
         Yields:

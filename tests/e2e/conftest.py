@@ -25,7 +25,7 @@ AUTH = {"authorization": f"Bearer {API_KEY}"}
 STARTUP_TIMEOUT_S = 300
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
@@ -121,7 +121,7 @@ def app_env(model_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def serve_app(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
-    if not _port_is_free(8000):
+    if not port_is_free(8000):
         pytest.fail("port 8000 is busy: stop the other server (serve_config.yaml listens there)")
     log_path = tmp_path_factory.mktemp("serve") / "serve-run.log"
     with serve_run(Path("serve_config.yaml"), BASE_URL, log_path, app_env(model_dir)) as process:

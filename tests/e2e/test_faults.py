@@ -212,16 +212,11 @@ def scenario_dead_executor_is_replaced(driver: Driver) -> dict[str, Any]:
     }
 
 
-def scenario_backpressure(driver: Driver, other_key: str) -> dict[str, Any] | None:
-    """Per-key limit (429) and a full engine queue (503), both with Retry-After; None before the limits exist.
+def scenario_backpressure(driver: Driver, other_key: str) -> dict[str, Any]:
+    """Per-key limit (429) and a full engine queue (503), both with Retry-After.
 
     The app runs with `router.max_concurrent_requests_per_key: 2` and one engine slot plus one queue slot.
     """
-
-    from deployments.config import RouterConfig
-
-    if "max_concurrent_requests_per_key" not in RouterConfig.model_fields:
-        return None
     host, port = driver.base_url.removeprefix("http://").split(":")
     body = {
         "model": MODEL,
@@ -367,7 +362,7 @@ def main() -> None:
         serve.run(app_module.build_app(args), name=APP_NAME, route_prefix="/")
         driver = Driver(f"http://127.0.0.1:{port}", api_key)
         scenarios: dict[str, Callable[[], dict[str, Any]]] = {
-            "backpressure": lambda: scenario_backpressure(driver, other_key) or {"skipped": True},
+            "backpressure": lambda: scenario_backpressure(driver, other_key),
             "logs_and_metrics": lambda: scenario_logs_and_metrics(
                 driver, api_key, logs_dir, metrics_port
             ),
@@ -480,10 +475,6 @@ def test_a_key_over_its_limit_gets_429_and_a_full_engine_queue_503_both_with_ret
     faults: dict[str, Any],
 ) -> None:
     result = faults["backpressure"]
-    if result.get("skipped"):
-        pytest.fail(
-            "the backpressure scenario was skipped: router.max_concurrent_requests_per_key is missing"
-        )
     status, retry_after, body = result["key_limit"]
     assert (status, retry_after) == (429, "1"), body
     assert json.loads(body)["error"]["code"] == "concurrency_limit_exceeded"

@@ -5,44 +5,78 @@ client that goes away mid-turn."""
 
 from __future__ import annotations
 
+import os
 import shutil
-import time
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import yaml
 
-from tests.e2e.conftest import AUTH, MODEL, REPO, _port_is_free, app_env, serve_run
+from tests.e2e.conftest import AUTH, MODEL, REPO, app_env, serve_run
+from tests.e2e.session_calls import create_session, cut_a_turn_short, get_session
 
 pytestmark = pytest.mark.e2e
 
-PORT = 8010
-BASE_URL = f"http://127.0.0.1:{PORT}"
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _haproxy_binary() -> str | None:
+    return os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy")
+
+
+def _session_has_haproxy(session_id: int) -> bool:
+    for process in psutil.process_iter(["name", "exe"]):
+        try:
+            if os.getsid(process.pid) == session_id and "haproxy" in (process.info["name"] or ""):
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
 
 
 @pytest.fixture(scope="module")
 def haproxy_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if shutil.which("haproxy") is None:
+    if _haproxy_binary() is None:
         pytest.skip("no haproxy binary on PATH (.ci/run installs it with apt)")
-    if not _port_is_free(PORT):
-        pytest.fail(f"port {PORT} is busy")
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
     workdir = tmp_path_factory.mktemp("haproxy")
     spec = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    spec["http_options"] = {**spec.get("http_options", {}), "host": "127.0.0.1", "port": PORT}
+    spec["http_options"] = {**spec.get("http_options", {}), "host": "127.0.0.1", "port": port}
     config = workdir / "serve_config.yaml"
     config.write_text(yaml.safe_dump(spec))
-    env = {**app_env(model_dir), "RAY_SERVE_ENABLE_HA_PROXY": "1"}
-    with serve_run(config, BASE_URL, workdir / "serve-run.log", env):
-        yield BASE_URL
+    env = {
+        **app_env(model_dir),
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # HAProxy's own stats and metrics listeners default to fixed ports: keep clear of other runs.
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+    }
+    with serve_run(config, base_url, workdir / "serve-run.log", env) as process:
+        # Serve's own proxy would answer on the same port if the flag were ignored: HAProxy must be there.
+        assert _session_has_haproxy(process.pid), "no haproxy process in the serve run session"
+        yield base_url
 
 
 def _client(base_url: str) -> Any:
     import openai
 
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=AUTH["authorization"].split()[1])
+    return openai.OpenAI(
+        base_url=f"{base_url}/v1",
+        api_key=AUTH["authorization"].split()[1],
+        max_retries=0,
+        timeout=60,
+    )
 
 
 def test_streamed_and_whole_replies_agree_behind_haproxy(haproxy_url: str) -> None:
@@ -55,7 +89,7 @@ def test_streamed_and_whole_replies_agree_behind_haproxy(haproxy_url: str) -> No
         model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True
     )
     chunks = list(stream)
-    assert len(chunks) > 2  # streamed, not one buffered body
+    assert len(chunks) > 2  # a role chunk, text chunks, a finish chunk
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
         whole.choices[0].message.content
     )
@@ -73,37 +107,9 @@ def test_bad_input_is_a_400_naming_the_field_behind_haproxy(haproxy_url: str) ->
 
 
 def test_a_client_gone_mid_turn_frees_the_session_behind_haproxy(haproxy_url: str) -> None:
-    session_id = httpx.post(f"{haproxy_url}/v1/sessions", json={}, headers=AUTH).json()["id"]
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "a long one"}],
-        "max_tokens": 1500,
-        "ignore_eos": True,
-        "stream": True,
-        "session_id": session_id,
-    }
-    with httpx.stream(
-        "POST", f"{haproxy_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60
-    ) as response:
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        next(lines)
-        busy = httpx.post(
-            f"{haproxy_url}/v1/chat/completions", json={**body, "stream": False}, headers=AUTH
-        )
-        assert busy.status_code == 409
+    session_id = create_session(haproxy_url)
     # HAProxy passes the disconnect on: the Router cancels the turn and releases the session.
-    deadline = time.monotonic() + 20
-    while True:
-        reply = httpx.post(
-            f"{haproxy_url}/v1/chat/completions",
-            json={**body, "stream": False, "max_tokens": 2},
-            headers=AUTH,
-            timeout=60,
-        )
-        if reply.status_code == 200:
-            break
-        assert reply.status_code == 409 and time.monotonic() < deadline
-        time.sleep(0.2)
-    session = httpx.get(f"{haproxy_url}/v1/sessions/{session_id}", headers=AUTH).json()
-    assert session["num_turns"] == 1  # the cut turn left no trace; the short one is kept
+    cut_a_turn_short(haproxy_url, session_id, "a long one")
+    view = get_session(haproxy_url, session_id).json()
+    assert view["num_turns"] == 1  # the cut turn left no trace; the 2-token one is kept
+    assert [m["content"] for m in view["messages"][::2]] == ["a long one"]

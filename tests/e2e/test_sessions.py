@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
@@ -10,21 +9,10 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import API_KEY, AUTH, MODEL, OTHER_API_KEY, REPO
+from tests.e2e.session_calls import create_session, cut_a_turn_short, get_session
 
 pytestmark = pytest.mark.e2e
 OTHER_AUTH = {"authorization": f"Bearer {OTHER_API_KEY}"}
-
-
-def create_session(base_url: str, **body: Any) -> str:
-    response = httpx.post(f"{base_url}/v1/sessions", json=body, headers=AUTH)
-    assert response.status_code == 200, response.text
-    session_id: str = response.json()["id"]
-    assert len(session_id) >= 27  # "sess_" + 160 bits, URL-safe
-    return session_id
-
-
-def get_session(base_url: str, session_id: str, headers: dict[str, str] = AUTH) -> httpx.Response:
-    return httpx.get(f"{base_url}/v1/sessions/{session_id}", headers=headers)
 
 
 def say(client: Any, session_id: str, text: str, **kwargs: Any) -> Any:
@@ -116,37 +104,7 @@ def test_concurrent_turn_is_409_and_a_disconnected_turn_leaves_history_unchanged
     session_id = create_session(base_url)
     say(client, session_id, "first")
     before = get_session(base_url, session_id).json()
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "a long one"}],
-        "max_tokens": 1500,
-        "ignore_eos": True,
-        "stream": True,
-        "session_id": session_id,
-    }
-    with httpx.stream(
-        "POST", f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60
-    ) as response:
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        next(lines)
-        second = httpx.post(
-            f"{base_url}/v1/chat/completions", json={**body, "stream": False}, headers=AUTH
-        )
-        assert second.status_code == 409
-        assert second.json()["error"]["param"] == "session_id"
-    # Disconnected mid-turn: once the engine request is cancelled the session is free again, history intact.
-    deadline = time.monotonic() + 20
-    while True:
-        reply = httpx.post(
-            f"{base_url}/v1/chat/completions",
-            json={**body, "stream": False, "max_tokens": 2},
-            headers=AUTH,
-        )
-        if reply.status_code == 200:
-            break
-        assert reply.status_code == 409 and time.monotonic() < deadline
-        time.sleep(0.2)
+    cut_a_turn_short(base_url, session_id, "a long one")
     after = get_session(base_url, session_id).json()
     assert after["messages"][: len(before["messages"])] == before["messages"]
     assert [m["content"] for m in after["messages"][len(before["messages"]) :: 2]] == ["a long one"]
