@@ -117,7 +117,14 @@ async def _choice_chunks(choice: Choice) -> AsyncIterator[ChunkChoice]:
                 yield ChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)
             if event.finish_reason is not None:
                 finish = "tool_calls" if choice.num_tool_calls else event.finish_reason
-                yield ChunkChoice(index=choice.index, delta=DeltaMessage(), finish_reason=finish)
+                # Tokens that added no text (a special token last, held-back bytes) still have logprobs.
+                rest = choice.generation.take_logprobs()
+                yield ChunkChoice(
+                    index=choice.index,
+                    delta=DeltaMessage(),
+                    finish_reason=finish,
+                    logprobs=_token_logprobs(choice, rest) if rest else None,
+                )
 
 
 def _deltas(choice: Choice, text: str, *, is_final: bool) -> list[DeltaMessage]:

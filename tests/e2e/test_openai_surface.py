@@ -111,9 +111,16 @@ def test_logprobs_cover_every_completion_token(client: Any) -> None:
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens
     assert all(entry.logprob <= 0.0 for entry in content)
+    # Sampled, so an early end token is possible: ignore_eos keeps the count at 6.
     chunks = list(
         client.chat.completions.create(
-            model=MODEL, messages=HI, max_tokens=6, logprobs=True, stream=True
+            model=MODEL,
+            messages=HI,
+            max_tokens=6,
+            logprobs=True,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
     )
     streamed = [
@@ -122,7 +129,7 @@ def test_logprobs_cover_every_completion_token(client: Any) -> None:
         if c.choices and c.choices[0].logprobs
         for e in c.choices[0].logprobs.content
     ]
-    assert len(streamed) == 6
+    assert len(streamed) == 6 == chunks[-1].usage.completion_tokens
     completion = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, logprobs=0)
     assert len(completion.choices[0].logprobs.token_logprobs) == 4
 

@@ -20,21 +20,25 @@ REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city
 
 
 class _Replay:
-    """Stands in for `handle.options(stream=True).generate`: yields the reply's ids three at a time."""
+    """Stands in for `handle.options(stream=True).generate`: yields the reply's ids `step` at a time."""
 
-    def __init__(self, token_ids: list[int]) -> None:
+    def __init__(
+        self, token_ids: list[int], step: int = 3, finish: FinishReason = FinishReason.END_ID
+    ) -> None:
         self._token_ids = token_ids
+        self._step = step
+        self._finish = finish
         self.generate = self
 
     def remote(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         async def stream() -> AsyncIterator[TokenDelta]:
-            ids = self._token_ids
-            for start in range(0, len(ids), 3):
-                is_last = start + 3 >= len(ids)
+            ids, step = self._token_ids, self._step
+            for start in range(0, len(ids), step):
+                is_last = start + step >= len(ids)
                 yield TokenDelta(
-                    token_ids=ids[start : start + 3],
-                    finish_reason=FinishReason.END_ID if is_last else None,
-                    logprobs=[-0.5] * len(ids[start : start + 3]),
+                    token_ids=ids[start : start + step],
+                    finish_reason=self._finish if is_last else None,
+                    logprobs=[-0.5] * len(ids[start : start + step]),
                 )
 
         return _Cancellable(stream())
@@ -116,3 +120,36 @@ def test_several_choices_are_interleaved_with_their_indexes(tokenizer: Any) -> N
     chunks = asyncio.run(main())
     finished = sorted(c.choices[0].index for c in chunks if c.choices[0].finish_reason)
     assert finished == [0, 1]
+
+
+def test_streamed_logprobs_cover_a_last_token_that_adds_no_text(tokenizer: Any) -> None:
+    """The last token decodes to nothing (a special token, skipped): its logprob rides the finish chunk."""
+    token_ids = [*tokenizer.encode("Hello there"), tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    request = GenerateRequest(request_id="r", prompt_token_ids=[1, 2, 3], max_tokens=len(token_ids))
+
+    async def main() -> list[Any]:
+        replay = _Replay(token_ids, step=1, finish=FinishReason.LENGTH)
+        generation = Generation(replay, request, tokenizer, skip_special_tokens=True)
+        await generation.start()
+        choice = responses.Choice(
+            index=0,
+            generation=generation,
+            events=generation.events(),
+            parser=None,
+            tokenizer=tokenizer,
+            has_logprobs=True,
+        )
+        return [
+            chunk async for chunk in responses.chat_chunks("m", "c", [choice], include_usage=True)
+        ]
+
+    chunks = asyncio.run(main())
+    entries = [
+        entry
+        for chunk in chunks
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    assert len(entries) == len(token_ids) == chunks[-1].usage.completion_tokens
+    assert entries[-1].token == "<|im_end|>"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
