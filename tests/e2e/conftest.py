@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -70,6 +71,46 @@ def _gcs_address(session_id: int) -> str:
 class ServeApp:
     base_url: str
     ray_address: str
+
+
+@dataclass(frozen=True)
+class ModuleRun:
+    returncode: int | None
+    result: dict[str, Any] | None  # the JSON of the last line starting with the prefix, if any
+    output: str
+
+
+def run_module_for_result(
+    module: str, prefix: str, timeout_s: float, env: dict[str, str] | None = None
+) -> ModuleRun:
+    """`python -m MODULE` in a session of its own (its own Ray cluster), which prints its result as one
+    `PREFIX{json}` line; whatever Ray daemons the run leaves behind are killed with the session."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "RAY_AUTH_MODE": "disabled",
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    finally:
+        process.kill()
+        _kill_session(process.pid)
+    lines = [line for line in output.splitlines() if line.startswith(prefix)]
+    result = json.loads(lines[-1].removeprefix(prefix)) if lines else None
+    return ModuleRun(returncode=process.returncode, result=result, output=output)
 
 
 @contextlib.contextmanager

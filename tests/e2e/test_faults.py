@@ -15,8 +15,6 @@ import logging
 import os
 import secrets
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +25,7 @@ from typing import Any
 import pytest
 
 from deployments.engine import Engine
-from tests.e2e.conftest import REPO, _kill_session
+from tests.e2e.conftest import REPO, run_module_for_result
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -387,34 +385,18 @@ def main() -> None:
 @pytest.fixture(scope="module")
 def faults(model_dir: Path) -> dict[str, Any]:
     api_key, other_key = (f"faults-key-{secrets.token_hex(8)}" for _ in range(2))
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "PYTHONPATH": str(REPO),
-        "PYTHONUNBUFFERED": "1",
-        "SHEPHERD_CACHE_DIR": str(model_dir.parent),
-        "SHEPHERD_API_KEYS": f"{api_key},{other_key}",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.e2e.test_faults"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    run = run_module_for_result(
+        "tests.e2e.test_faults",
+        RESULT_PREFIX,
+        SUBPROCESS_TIMEOUT_S,
+        env={
+            "SHEPHERD_CACHE_DIR": str(model_dir.parent),
+            "SHEPHERD_API_KEYS": f"{api_key},{other_key}",
+        },
     )
-    try:
-        output, _ = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-    finally:
-        process.kill()
-        _kill_session(process.pid)  # the subprocess's own Ray daemons, should any linger
-    lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
-    assert lines, output[-4000:]
-    results: dict[str, Any] = json.loads(lines[-1].removeprefix(RESULT_PREFIX))
+    output = run.output
+    assert run.result is not None, output[-4000:]
+    results: dict[str, Any] = run.result
     for name, result in results.items():
         assert "error" not in result, f"{name}: {result['error']}\n{output[-3000:]}"
     return results

@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +17,7 @@ import pytest
 
 from deployments.messages import GenerateRequest
 from deployments.routing import RoutingConfig, RoutingPolicy, engine_request_router_config
-from tests.e2e.conftest import REPO, _kill_session
+from tests.e2e.conftest import run_module_for_result
 
 pytestmark = pytest.mark.e2e
 
@@ -105,29 +102,9 @@ def main() -> None:
 
 
 def test_each_session_stays_on_its_ring_owner_and_both_replicas_serve() -> None:
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "PYTHONPATH": str(REPO),
-        "PYTHONUNBUFFERED": "1",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.e2e.test_routing_e2e"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=120)
-    finally:
-        process.kill()
-        _kill_session(process.pid)  # Ray daemons of the subprocess's own cluster, should any linger
-    lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
-    assert process.returncode == 0 and lines, output[-4000:]
-    result = json.loads(lines[-1].removeprefix(RESULT_PREFIX))
+    run = run_module_for_result("tests.e2e.test_routing_e2e", RESULT_PREFIX, 120)
+    assert run.returncode == 0 and run.result is not None, run.output[-4000:]
+    result = run.result
 
     sessions: dict[str, list[str]] = result["sessions"]
     moved = {sid: replicas for sid, replicas in sessions.items() if len(set(replicas)) > 1}
