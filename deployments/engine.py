@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -44,42 +44,10 @@ def create_executor(config: EngineConfig, model_dir: str) -> Executor:
     raise ValueError(f"unknown engine kind {config.kind!r}")
 
 
-async def at_stream_interval(
-    deltas: AsyncGenerator[TokenDelta, None], num_tokens: int
-) -> AsyncGenerator[TokenDelta, None]:
-    """Merges deltas into items of at least `num_tokens` tokens (vLLM's and TensorRT-LLM's stream interval).
-
-    Counted, never timed: the first delta goes at once (TTFT), and the final one flushes what is held. Every
-    item crossing a Serve hop costs CPU in each process it passes, so fewer, larger items raise the tokens/s a
-    replica sustains (benchmarks/RESULTS.md, R2.3). Held tokens go out before an error, as the executors
-    promise (delta first, then the error). Closing this generator closes `deltas`: a client that goes away
-    must reach the executor, which cancels the request.
-    """
-    async with aclosing(deltas):
-        pending: TokenDelta | None = None
-        is_first = True
-        try:
-            async for delta in deltas:
-                if pending is None:
-                    pending = delta
-                else:
-                    pending.merge(delta)
-                if is_first or pending.is_final or len(pending.token_ids) >= num_tokens:
-                    is_first = False
-                    item, pending = pending, None
-                    yield item
-        except Exception:
-            if pending is not None:
-                yield pending
-            raise
-        if pending is not None:
-            yield pending
-
-
 class Engine:
     """Owns one Executor. `generate` forwards what the executor has ready, with no batching timer: while
     Ray's stream is busy the executor's collector merges deltas, so items get larger under load, and after
-    the first token deltas are held until `stream_interval_tokens` tokens are ready (a count)."""
+    the first token it waits for `stream_interval_tokens` tokens (a count; `executors/base.py`)."""
 
     async def __init__(self, config: EngineConfig, model_dir: str) -> None:
         self._stream_interval_tokens = config.stream_interval_tokens
@@ -103,10 +71,12 @@ class Engine:
                 "replica_id": self._replica_id,
             }
         )
-        items = at_stream_interval(self._executor.generate(request), self._stream_interval_tokens)
-        async with aclosing(items):  # Serve closing this generator must reach the executor's
-            async for item in items:
-                yield item
+        deltas = self._executor.generate(
+            request, stream_interval_tokens=self._stream_interval_tokens
+        )
+        async with aclosing(deltas):  # Serve closing this generator must reach the executor's
+            async for delta in deltas:
+                yield delta
 
     def recent_requests(self) -> list[dict[str, Any]]:
         return list(self._recent)

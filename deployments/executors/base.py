@@ -20,21 +20,30 @@ logger = logging.getLogger(__name__)
 
 class DeltaCollector:
     """A one-slot mailbox per request: deltas merge while the consumer lags, so memory stays bounded
-    and the consumer always receives everything ready in one item (no batching timer)."""
+    and the consumer always receives everything ready in one item (no batching timer).
 
-    __slots__ = ("_error", "_event", "_pending")
+    After the first item, the consumer is woken only once `stream_interval_tokens` tokens are waiting
+    (vLLM's and TensorRT-LLM's stream interval; a count, never a timer), or on the final delta or an error.
+    Every item crossing a Serve hop costs CPU in each process it passes, so fewer, larger items raise the
+    tokens/s a replica sustains (benchmarks/RESULTS.md, R2.3).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_error", "_event", "_interval", "_pending", "_threshold")
+
+    def __init__(self, stream_interval_tokens: int = 1) -> None:
         self._pending: TokenDelta | None = None
         self._error: BaseException | None = None
         self._event = asyncio.Event()
+        self._interval = stream_interval_tokens
+        self._threshold = 1  # the first token goes at once: TTFT does not change
 
     def put(self, delta: TokenDelta) -> None:
         if self._pending is None:
             self._pending = delta
         else:
             self._pending.merge(delta)
-        self._event.set()
+        if self._pending.is_final or len(self._pending.token_ids) >= self._threshold:
+            self._event.set()
 
     def fail(self, error: BaseException) -> None:
         self._error = error
@@ -47,6 +56,7 @@ class DeltaCollector:
             self._event.clear()
         if self._pending is not None:
             delta, self._pending = self._pending, None
+            self._threshold = self._interval
             return delta
         assert self._error is not None
         raise self._error
@@ -138,11 +148,14 @@ class Executor(abc.ABC):
         return 0
 
     # ---- what callers use ------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
+    async def generate(
+        self, request: GenerateRequest, *, stream_interval_tokens: int = 1
+    ) -> AsyncGenerator[TokenDelta, None]:
         """Submit `request` and yield its deltas until one carries a finish reason.
 
         Yields:
-            TokenDelta with only new tokens; everything ready is merged into one delta.
+            TokenDelta with only new tokens; everything ready is merged into one delta, and after the
+            first one a delta waits for `stream_interval_tokens` tokens (or the finish, or an error).
         Raises:
             EngineDead: the engine stopped; EngineError: the engine failed this request.
         A cancelled or closed consumer cancels the engine request.
@@ -151,7 +164,7 @@ class Executor(abc.ABC):
             raise EngineDead(self._dead_reason)
         if request.request_id in self._collectors:
             raise EngineError(f"duplicate request id {request.request_id!r}")
-        collector = DeltaCollector()
+        collector = DeltaCollector(stream_interval_tokens)
         self._collectors[request.request_id] = collector
         self._num_submitted += 1
         is_finished = False

@@ -212,3 +212,20 @@ def test_vocab_size_of_an_engine_directory_without_tokenizer(tmp_path: Path) -> 
     assert read_vocab_size(tmp_path) == 32000
     token_ids = visible_token_ids(tmp_path, 32000)
     assert token_ids and all(16000 <= token_id < 32000 for token_id in token_ids)
+
+
+def test_a_stream_interval_groups_tokens_after_the_first(model_dir: Path) -> None:
+    async def body(executor: EmulatorExecutor) -> tuple[list[TokenDelta], list[TokenDelta]]:
+        plain = await collect(executor.generate(request("plain", max_tokens=11)))
+        grouped = await collect(
+            executor.generate(request("grouped", max_tokens=11), stream_interval_tokens=4)
+        )
+        return plain, grouped
+
+    plain, grouped = run(model_dir, STEPPING, body)
+    assert token_ids_of(grouped) == token_ids_of(plain) and len(token_ids_of(plain)) == 11
+    # A late step emits several tokens at once, so sizes are bounds, not exact (no test asserts on time).
+    sizes = [len(delta.token_ids) for delta in grouped]
+    assert sizes[0] == 1  # the first token alone: TTFT does not change
+    assert all(size >= 4 for size in sizes[1:-1]) and len(sizes) <= 4
+    assert grouped[-1].finish_reason is FinishReason.LENGTH
