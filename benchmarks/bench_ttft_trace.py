@@ -5,10 +5,12 @@ Engine replica's entry and first item, the first item back in the Router, the fi
 `tag id unix-time` lines to /tmp/ttft-trace-PID.log; the frozen tree is patched, never the working tree.
 Each request's events are matched by time (one request in flight), and the median of every segment is
 reported. A second part sends bursts of `--burst` concurrent requests and compares their TTFT with the
-same executor called in-process. Ingress modes (`--mode NAME=JSON env`) run one after the other.
+same executor called in-process. Modes (`--mode NAME=JSON env`, optionally `--mode-engine NAME=JSON engine
+args`) run one after the other.
 
     python -m benchmarks.bench_ttft_trace --tree .bench-tree/head --mode proxy='{}' \
-        --mode haproxy='{"RAY_SERVE_ENABLE_HA_PROXY": "1"}'
+        --mode haproxy='{"RAY_SERVE_ENABLE_HA_PROXY": "1"}' --mode handle='{}' \
+        --mode-engine handle='{"transport": "serve_handle"}'
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ TRACE_POINTS = [
     ("deployments/generation.py", "\nOpenAIFinish =", "\n" + _TRACER + "\nOpenAIFinish ="),
     (
         "deployments/generation.py",
-        "        self._stream = self._engine.generate.remote(self.request)\n"
         "        try:\n"
+        "            self._stream = await self._engine.open(self.request)\n"
         "            self._first = await self._stream.__anext__()\n",
         '        _trace("call", self.request.request_id)\n'
-        "        self._stream = self._engine.generate.remote(self.request)\n"
         "        try:\n"
+        "            self._stream = await self._engine.open(self.request)\n"
         "            self._first = await self._stream.__anext__()\n"
         '            _trace("first", self.request.request_id)\n',
     ),
@@ -59,9 +61,9 @@ TRACE_POINTS = [
     ),
     (
         "deployments/engine.py",
-        "            async for item in items:\n                yield item\n",
-        '            async for item in items:\n                _trace("eng_out", request.request_id)\n'
-        "                yield item\n",
+        "            async for delta in deltas:\n                yield delta\n",
+        '            async for delta in deltas:\n                _trace("eng_out", request.request_id)\n'
+        "                yield delta\n",
     ),
     (
         "deployments/router.py",
@@ -169,12 +171,16 @@ def main() -> None:
     )
     parser.add_argument("--tree", required=True, help="a frozen tree (benchmarks.trees)")
     parser.add_argument("--mode", action="append", required=True, help="NAME=JSON serve-run env")
+    parser.add_argument(
+        "--mode-engine", action="append", default=[], help="NAME=JSON engine args of one mode"
+    )
     parser.add_argument("--requests", type=int, default=80)
     parser.add_argument("--burst", type=int, default=16)
     parser.add_argument("--port", type=int, default=8101)
     parser.add_argument("--out", default=str(RESULTS / "ttft-trace.json"))
     args = parser.parse_args()
     modes = {k: json.loads(v) for k, v in (m.split("=", 1) for m in args.mode)}
+    mode_engine = {k: json.loads(v) for k, v in (m.split("=", 1) for m in args.mode_engine)}
     model_dir = bench_model_dir()
     source = loadgen.PromptSource(model_dir, seed=5)
     sequence = loadgen.make_jobs(source, args.requests, 128, 1)
@@ -187,7 +193,7 @@ def main() -> None:
     result["burst_in_process"] = in_process
     print(loadgen.one_line(f"c={args.burst} in-process", in_process), flush=True)
     for name, env in modes.items():
-        overrides = stack_args("emulator", model_dir)
+        overrides = stack_args("emulator", model_dir, mode_engine.get(name))
         with serve_app(
             "serve_config.emulator.yaml", port=args.port, args=overrides, repo=tree, env=env
         ) as app:
@@ -196,7 +202,12 @@ def main() -> None:
             times = asyncio.run(sequential(app.base_url, sequence))
             trace = breakdown(times, read_events())
             burst = asyncio.run(bursts(app.base_url, burst_jobs, args.burst))
-        result["modes"][name] = {"env": env, "c1_breakdown": trace, "burst": burst}
+        result["modes"][name] = {
+            "env": env,
+            "engine": mode_engine.get(name, {}),
+            "c1_breakdown": trace,
+            "burst": burst,
+        }
         print(name, json.dumps(trace["median_ms"]), f"total {trace['total_median_ms']:.2f} ms")
         print(loadgen.one_line(f"c={args.burst} {name}", burst), flush=True)
         loadgen.write_json(args.out, result)

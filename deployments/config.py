@@ -109,7 +109,13 @@ class EngineConfig(_Strict):
     request_router: Literal["session_affinity", "power_of_two"] = Field(
         default="session_affinity",
         description="How the router picks an engine replica: sessions stick to the replica holding "
-        "their KV cache (deployments/routing.py), or Ray Serve's default power-of-two choices.",
+        "their KV cache (deployments/routing.py), or power-of-two choices on load alone.",
+    )
+    transport: Literal["direct", "serve_handle"] = Field(
+        default="direct",
+        description="How token streams travel from engine to router: over each engine replica's own "
+        "channel (deployments/engine_channel.py; Serve still places, checks and replaces replicas), or "
+        "through Ray Serve's handle path, which adds about 2 ms to TTFT and CPU per streamed item.",
     )
     health_check_period_s: float = Field(
         default=10.0, gt=0, description="Serve health-check period."

@@ -8,18 +8,24 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+import ray
 from ray import serve
 
 from deployments import metrics
 from deployments.config import EngineConfig
+from deployments.engine_channel import ChannelServer
 from deployments.executors.base import Executor
 from deployments.messages import EngineCapabilities, ExecutorStats, GenerateRequest, TokenDelta
 from deployments.placement import engine_deployment_options
+from deployments.replica_directory import CHANNEL_METADATA_KEY
 from deployments.routing import engine_request_router_config
 
 logger = logging.getLogger(__name__)
 
 _NUM_RECENT_REQUESTS = 64
+# How long a stopping replica lets its routers' direct streams finish (Serve drains only its own requests,
+# and stops waiting for `__del__` after its graceful shutdown timeout, 20 s by default).
+_CHANNEL_DRAIN_TIMEOUT_S = 15.0
 
 
 def create_executor(config: EngineConfig, model_dir: str) -> Executor:
@@ -46,8 +52,13 @@ def create_executor(config: EngineConfig, model_dir: str) -> Executor:
 
 class Engine:
     """Owns one Executor. `generate` forwards what the executor has ready, with no batching timer: while
-    Ray's stream is busy the executor's collector merges deltas, so items get larger under load, and after
-    the first token it waits for `stream_interval_tokens` tokens (a count; `executors/base.py`)."""
+    the stream is busy the executor's collector merges deltas, so items get larger under load, and after
+    the first token it waits for `stream_interval_tokens` tokens (a count; `executors/base.py`).
+
+    With `engine.transport: direct` routers reach `generate` over this replica's channel
+    (`engine_channel.py`), whose address Serve hands to them as replica metadata; Serve's handle path
+    stays open for every method, `generate` included.
+    """
 
     async def __init__(self, config: EngineConfig, model_dir: str) -> None:
         self._stream_interval_tokens = config.stream_interval_tokens
@@ -60,6 +71,25 @@ class Engine:
         self._metrics_task = metrics.start_polling(
             lambda: engine_metrics.update(self._executor.stats())
         )
+        self._channel: ChannelServer | None = None
+        self._channel_address: str | None = None
+        if config.transport == "direct":
+            self._channel = ChannelServer(self.generate)
+            self._channel_address = await self._channel.start(ray.util.get_node_ip_address())
+
+    def record_replica_metadata(self) -> dict[str, Any]:
+        """Serve's static per-replica metadata, read by every router of this deployment (routing.py)."""
+        if self._channel_address is None:
+            return {}
+        return {CHANNEL_METADATA_KEY: self._channel_address}
+
+    def channel_stats(self) -> dict[str, Any]:
+        channel = self._channel
+        return {
+            "address": self._channel_address,
+            "num_streams_served": 0 if channel is None else channel.num_streams_served,
+            "num_active_streams": 0 if channel is None else channel.num_active_streams,
+        }
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Yields TokenDelta items until one has a finish reason; cancelling the call cancels the request."""
@@ -99,6 +129,8 @@ class Engine:
         }
 
     async def __del__(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(drain_timeout_s=_CHANNEL_DRAIN_TIMEOUT_S)
         await self._executor.shutdown()
 
 
@@ -125,8 +157,10 @@ def engine_deployment(config: EngineConfig, model_dir: str) -> Any:
         tensor_parallel_size=tensor_parallel_size,
         uses_mpi=config.kind == "trtllm",
     )
-    if config.request_router == "session_affinity":
-        options["request_router_config"] = engine_request_router_config(block_size=block_size)
+    # Our request router for both policies: it also tells the direct channel which replicas run.
+    options["request_router_config"] = engine_request_router_config(
+        block_size=block_size, is_affinity=config.request_router == "session_affinity"
+    )
     return serve.deployment(
         Engine,
         name="Engine",

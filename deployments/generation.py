@@ -16,6 +16,7 @@ from deployments.messages import FinishReason, GenerateRequest, TokenDelta
 from deployments.protocol import Usage
 
 if TYPE_CHECKING:
+    from deployments.engine_client import EngineClient, EngineStream
     from deployments.metrics import RequestMetrics
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def to_serving_error(error: BaseException) -> ServingError:
 
 
 class Generation:
-    """Streams one `GenerateRequest` from an engine handle.
+    """Streams one `GenerateRequest` from an engine replica (`EngineClient`: direct channel or Serve handle).
 
     `start()` awaits the first delta before any byte is sent, so early failures still get a real HTTP status.
     A stop string ends the engine request at once (cancelling the handle call frees the engine slot).
@@ -55,7 +56,7 @@ class Generation:
 
     def __init__(
         self,
-        engine: Any,
+        engine: EngineClient,
         request: GenerateRequest,
         tokenizer: Any,
         *,
@@ -72,7 +73,7 @@ class Generation:
             prompt_token_ids=request.prompt_token_ids,
             skip_special_tokens=skip_special_tokens,
         )
-        self._stream: Any = None
+        self._stream: EngineStream | None = None
         self._first: TokenDelta | None = None
         self._is_done = False
         self.completion_token_ids: list[int] = []
@@ -97,8 +98,8 @@ class Generation:
         )
 
     async def start(self) -> None:
-        self._stream = self._engine.generate.remote(self.request)
         try:
+            self._stream = await self._engine.open(self.request)
             self._first = await self._stream.__anext__()
         except StopAsyncIteration:
             raise EngineError("the engine closed the stream without a result") from None
@@ -132,6 +133,7 @@ class Generation:
             self._stream.cancel()
 
     async def _next_delta(self) -> TokenDelta | None:
+        assert self._stream is not None
         try:
             delta: TokenDelta = await self._stream.__anext__()
             return delta

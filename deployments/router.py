@@ -21,6 +21,7 @@ from ray import serve
 from deployments import limits, metrics, responses, sse
 from deployments.auth import ApiKeys
 from deployments.config import AppConfig
+from deployments.engine_client import EngineClient
 from deployments.errors import NotFoundError, RequestError, ServingError, to_error_body
 from deployments.generation import Generation, TextEvent
 from deployments.messages import RetentionRange
@@ -227,10 +228,14 @@ class Router:
         self, config: AppConfig, engine: Any, model_dir: str, tokenizer_dir: str
     ) -> None:
         self._config = config
-        # Items travel over gRPC between replicas, not as one ObjectRef each (benchmarks/RESULTS.md).
-        self._engine = engine.options(stream=True, _by_reference=False)
         self._tokenizer = load_tokenizer(tokenizer_dir)
         capabilities = await engine.capabilities.remote()
+        # On Serve's path items travel over gRPC, not as one ObjectRef each (benchmarks/RESULTS.md).
+        self._engine = EngineClient(
+            engine.options(stream=True, _by_reference=False),
+            is_direct=config.engine.transport == "direct",
+            max_queued_requests=config.engine.max_queued_requests,
+        )
         self._prompts = PromptBuilder(config, self._tokenizer, model_dir, capabilities)
         self.model_name = self._prompts.model_name
         self._keys = ApiKeys(config.router.api_keys)
@@ -399,6 +404,10 @@ class Router:
     def session_counters(self) -> dict[str, int]:
         return asdict(self._sessions.counters)
 
+    def engine_client_stats(self) -> dict[str, int]:
+        """How this replica's engine streams travelled (direct channel or Serve's handle path)."""
+        return self._engine.stats()
+
     # ---- flow ---------------------------------------------------------------------------------------------
     def _owner(self, api_key: str | None) -> str:
         return self._keys.owner_of(f"Bearer {api_key}" if api_key else None)
@@ -468,9 +477,7 @@ class Router:
             prompt_token_ids, tools = plan.prompt_token_ids, plan.state.tools
         family = self._prompts.tool_parser_family if tools else None
         try:
-            engine = self._engine.options(session_id=session_id) if session_id else self._engine
             generations = await self._start_generations(
-                engine,
                 request_id,
                 prompt_token_ids,
                 body,
@@ -515,7 +522,6 @@ class Router:
         for prompt in body.prompts():
             prompt_token_ids = self._prompts.encode_prompt(prompt)
             generations = await self._start_generations(
-                self._engine,
                 request_id,
                 prompt_token_ids,
                 body,
@@ -538,7 +544,6 @@ class Router:
 
     async def _start_generations(
         self,
-        engine: Any,
         request_id: str,
         prompt_token_ids: list[int],
         body: ChatCompletionRequest | CompletionRequest,
@@ -566,7 +571,7 @@ class Router:
             )
             generations.append(
                 Generation(
-                    engine,
+                    self._engine,
                     request,
                     self._tokenizer,
                     stop=body.stop_strings(),

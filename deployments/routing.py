@@ -64,6 +64,7 @@ class RoutingConfig:
     load_epsilon: float = 0.25
     imbalance_threshold: int = 8
     max_prefix_entries: int = 65536
+    is_affinity: bool = True  # False: `engine.request_router: power_of_two`, load only
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.virtual_nodes < 1 or self.max_prefix_entries < 1:
@@ -183,6 +184,8 @@ class RoutingPolicy:
         """
         if not replicas:
             return []
+        if not self.config.is_affinity:
+            return self._pow2(replicas)
         if session_id:
             ranks = self._rank_session(replicas, session_id)
             return ranks[:1] if is_first_pass else ranks
@@ -344,10 +347,28 @@ class SessionAffinityRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self._policy.retain(replica.replica_id.unique_id for replica in replicas)
+        self._publish(replicas=replicas)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._policy.forget(replica_id.unique_id)
+        self._publish(removed=replica_id.unique_id)
+
+    def _publish(
+        self, replicas: list[RunningReplica] | None = None, removed: str | None = None
+    ) -> None:
+        """Tells this process's direct channel (engine_client.py) what Serve told this router."""
+        try:
+            # Imported at call time, by name: this class travels by value (cloudpickle), and a registry
+            # reached through its pickled globals would be a private copy no one else sees.
+            from deployments.replica_directory import replica_directory
+        except ImportError:  # a process without the `deployments` package has no direct channel
+            return
+        directory = replica_directory(self._deployment_id.app_name, self._deployment_id.name)
+        if replicas is not None:
+            directory.update(replicas, self._policy)
+        if removed is not None:
+            directory.remove(removed)
 
     def _num_ongoing_requests(self, replica: RunningReplica) -> int:
         """The router's live count (sends, completions, replica replies); else the replica's last stats."""
@@ -370,11 +391,17 @@ def engine_request_router_config(
     imbalance_threshold: int = _DEFAULTS.imbalance_threshold,
     max_prefix_entries: int = _DEFAULTS.max_prefix_entries,
     request_routing_stats_period_s: float = 1.0,
+    is_affinity: bool = _DEFAULTS.is_affinity,
 ) -> RequestRouterConfig:
     """`request_router_config` for the Engine deployment; the kwargs are validated here, once, rather than
     in every proxy and handle that builds the router."""
     config = RoutingConfig(
-        block_size, virtual_nodes, load_epsilon, imbalance_threshold, max_prefix_entries
+        block_size,
+        virtual_nodes,
+        load_epsilon,
+        imbalance_threshold,
+        max_prefix_entries,
+        is_affinity,
     )
     options: dict[str, Any] = {
         "request_router_class": f"{__name__}:{SessionAffinityRouter.__name__}",

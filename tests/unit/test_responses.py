@@ -20,7 +20,7 @@ REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city
 
 
 class _Replay:
-    """Stands in for `handle.options(stream=True).generate`: yields the reply's ids `step` at a time."""
+    """Stands in for the Router's `EngineClient`: yields the reply's ids `step` at a time."""
 
     def __init__(
         self, token_ids: list[int], step: int = 3, finish: FinishReason = FinishReason.END_ID
@@ -28,9 +28,8 @@ class _Replay:
         self._token_ids = token_ids
         self._step = step
         self._finish = finish
-        self.generate = self
 
-    def remote(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    async def open(self, request: GenerateRequest) -> _Cancellable:
         async def stream() -> AsyncIterator[TokenDelta]:
             ids, step = self._token_ids, self._step
             for start in range(0, len(ids), step):

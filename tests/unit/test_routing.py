@@ -213,6 +213,7 @@ def test_engine_request_router_config_names_this_router() -> None:
         "load_epsilon": 0.5,
         "imbalance_threshold": 8,
         "max_prefix_entries": 65536,
+        "is_affinity": True,
     }
     assert config.request_routing_stats_period_s == 1.0
     assert (
@@ -220,3 +221,63 @@ def test_engine_request_router_config_names_this_router() -> None:
     )  # cloudpickled by value
     with pytest.raises(ValueError):
         engine_request_router_config(block_size=0)
+
+
+def test_power_of_two_policy_ignores_sessions_and_prefixes() -> None:
+    p = policy(seed=3, is_affinity=False)
+    replicas = loads()
+    p.record_routed(REPLICAS[0], list(range(200)))
+    ranks = p.rank(replicas, session_id=None, prompt_token_ids=list(range(200)))
+    assert len(ranks) == 1 and len(ranks[0]) == 2  # two random candidates, no prefix rank
+    seen = {tuple(p.rank(replicas, session_id="s", prompt_token_ids=[1])[0]) for _ in range(30)}
+    assert len(seen) > 1  # a session does not pin a replica
+
+
+_SHIPPED_ROUTER_CHECK = """
+import sys, types
+import ray.cloudpickle as cloudpickle
+from ray.serve._private.common import DeploymentID
+from deployments.replica_directory import CHANNEL_METADATA_KEY, replica_directory
+from deployments.routing import RoutingPolicy, SessionAffinityRouter
+
+shipped = cloudpickle.loads(sys.stdin.buffer.read())
+assert shipped is not SessionAffinityRouter, "not shipped by value"
+router = shipped.__new__(shipped)  # Serve's constructor needs a running Serve; the hook does not
+router._policy = RoutingPolicy()
+router._deployment_id = DeploymentID(name="Engine", app_name="shipped")
+replica = types.SimpleNamespace(
+    replica_id=types.SimpleNamespace(unique_id="r1"), replica_metadata={CHANNEL_METADATA_KEY: "h:1"}
+)
+router._publish(replicas=[replica])
+directory = replica_directory("shipped", "Engine")
+assert list(directory.replicas) == ["r1"] and directory.policy is router._policy, directory.replicas
+router._publish(removed="r1")
+assert directory.replicas == {}
+print("published")
+"""
+
+
+def test_the_router_class_shipped_by_value_publishes_to_the_processs_directory() -> None:
+    """Serve ships the request router class by value (cloudpickle), so its module globals are a private copy
+    in the receiving process: membership must reach the directory `EngineClient` reads by a by-name import."""
+    import subprocess
+    import sys
+
+    import ray.cloudpickle as cloudpickle
+
+    import deployments.routing as routing_module
+
+    cloudpickle.register_pickle_by_value(routing_module)
+    try:
+        payload = cloudpickle.dumps(SessionAffinityRouter)
+    finally:
+        cloudpickle.unregister_pickle_by_value(routing_module)
+    check = subprocess.run(
+        [sys.executable, "-c", _SHIPPED_ROUTER_CHECK],
+        input=payload,
+        capture_output=True,
+        timeout=120,
+    )
+    assert check.returncode == 0 and check.stdout.strip() == b"published", check.stderr.decode()[
+        -2000:
+    ]

@@ -1,0 +1,250 @@
+"""How the Router reaches Engine replicas: the direct channel (`engine_channel.py`), with Serve's handle path
+as the fallback while no replica has told this process where its channel listens.
+
+On the direct path this class does what Serve's handle did: it ranks replicas with the same `RoutingPolicy`
+(sessions stay on the replica holding their KV cache, prompts go where their prefix is cached), keeps at
+most `max_ongoing_requests` of this process's requests on each replica, and queues up to
+`engine.max_queued_requests` more before refusing with a 503. Membership is Serve's: the request router of
+the engine handle publishes every change into the `ReplicaDirectory` this class reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import deque
+from typing import Any, Protocol
+
+from deployments.engine_channel import ChannelConnection
+from deployments.errors import OverloadedError
+from deployments.messages import GenerateRequest
+from deployments.replica_directory import ReplicaDirectory, replica_directory
+from deployments.routing import ReplicaLoad
+
+logger = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT_S = 2.0
+# A replica whose channel refused a connection is left to Serve's path for this long (Serve's health
+# check replaces a dead replica; a live one is tried again).
+_UNREACHABLE_FOR_S = 5.0
+
+
+class EngineStream(Protocol):
+    """What `Generation` reads: Serve's DeploymentResponseGenerator and `ChannelStream` both fit."""
+
+    def __anext__(self) -> Any: ...
+
+    def cancel(self) -> None: ...
+
+
+class _Replica:
+    """This process's view of one engine replica on the direct path."""
+
+    __slots__ = (
+        "address",
+        "connecting",
+        "connection",
+        "max_ongoing_requests",
+        "num_in_flight",
+        "replica_id",
+        "running",
+        "unreachable_until",
+    )
+
+    def __init__(self, replica_id: str, address: str, running: Any) -> None:
+        self.replica_id = replica_id
+        self.address = address
+        self.running = running  # Serve's RunningReplica: max_ongoing_requests and routing stats
+        self.max_ongoing_requests: int = running.max_ongoing_requests
+        self.connection: ChannelConnection | None = None
+        self.connecting: asyncio.Future[ChannelConnection] | None = None
+        self.num_in_flight = 0
+        self.unreachable_until = 0.0
+
+    def reported_load(self) -> int:
+        """The replica's own last count (every router's requests), from Serve's routing stats."""
+        stats = self.running.routing_stats
+        counts = [stats.get("num_active_requests"), stats.get("num_queued_requests")]
+        return sum(count for count in counts if isinstance(count, int))
+
+
+class EngineClient:
+    """Opens one engine stream per `GenerateRequest`; `transport="serve_handle"` always uses Serve's path."""
+
+    def __init__(self, handle: Any, *, is_direct: bool, max_queued_requests: int) -> None:
+        self._handle = handle  # options(stream=True, _by_reference=False)
+        self._max_queued_requests = max_queued_requests
+        self._replicas: dict[str, _Replica] = {}
+        self._retired: list[_Replica] = []
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._directory: ReplicaDirectory | None = None
+        self.num_direct_streams = 0
+        self.num_handle_streams = 0
+        if is_direct:
+            self._directory = replica_directory(handle.app_name, handle.deployment_name)
+            self._directory.subscribe(self._sync_replicas)
+            self._sync_replicas()
+
+    async def open(self, request: GenerateRequest) -> EngineStream:
+        """Starts the request on a replica; raises OverloadedError when this process's queue is full."""
+        if self._directory is not None:
+            stream = await self._open_direct(request)
+            if stream is not None:
+                self.num_direct_streams += 1
+                return stream
+        self.num_handle_streams += 1
+        handle = self._handle
+        if request.session_id:
+            handle = handle.options(session_id=request.session_id)
+        stream: EngineStream = handle.generate.remote(request)
+        return stream
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "num_direct_streams": self.num_direct_streams,
+            "num_handle_streams": self.num_handle_streams,
+            "num_direct_replicas": len(self._replicas),
+            "num_serve_replicas": 0 if self._directory is None else len(self._directory.replicas),
+            "num_queued": len(self._waiters),
+        }
+
+    # ---- the direct path ------------------------------------------------------------------------------
+    async def _open_direct(self, request: GenerateRequest) -> EngineStream | None:
+        while True:
+            replica = await self._admit(request)
+            if replica is None:
+                return None
+            try:
+                connection = await self._connection(replica)
+                return connection.open(request, on_done=functools.partial(self._release, replica))
+            except (OSError, asyncio.TimeoutError) as error:
+                self._release(replica)
+                replica.unreachable_until = time.monotonic() + _UNREACHABLE_FOR_S
+                logger.warning(
+                    "engine replica %s: channel %s unreachable (%s); using the next replica or "
+                    "Serve's path",
+                    replica.replica_id,
+                    replica.address,
+                    type(error).__name__,
+                )
+
+    async def _admit(self, request: GenerateRequest) -> _Replica | None:
+        """A replica with room for one more of this process's requests, counted in; None when no replica
+        has a channel (Serve's path then); waits in FIFO order while all are full."""
+        is_woken = False
+        while True:
+            now = time.monotonic()
+            candidates = [r for r in self._replicas.values() if r.unreachable_until <= now]
+            if not candidates:
+                return None
+            if is_woken or not self._waiters:
+                replica = self._choose(candidates, request)
+                if replica is not None:
+                    replica.num_in_flight += 1
+                    assert self._directory is not None and self._directory.policy is not None
+                    self._directory.policy.record_routed(
+                        replica.replica_id, request.prompt_token_ids
+                    )
+                    return replica
+            if len(self._waiters) >= self._max_queued_requests:
+                raise OverloadedError(
+                    "the engine is at capacity; retry shortly", code="engine_overloaded"
+                )
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled: the slot goes to the next in line
+                raise
+            finally:
+                self._remove_waiter(waiter)
+            is_woken = True
+
+    def _choose(self, candidates: list[_Replica], request: GenerateRequest) -> _Replica | None:
+        assert self._directory is not None and self._directory.policy is not None
+        by_id = {r.replica_id: r for r in candidates}
+        loads = [
+            ReplicaLoad(
+                r.replica_id, max(r.num_in_flight, r.reported_load()), r.max_ongoing_requests
+            )
+            for r in candidates
+        ]
+        ranks = self._directory.policy.rank(
+            loads, session_id=request.session_id, prompt_token_ids=request.prompt_token_ids
+        )
+        # Admission counts only this process's requests, which it knows exactly; ranking also weighs the
+        # replica's own (slightly stale) count of every router's requests.
+        for rank in [*ranks, list(by_id)]:
+            fitting = [
+                by_id[i] for i in rank if by_id[i].num_in_flight < by_id[i].max_ongoing_requests
+            ]
+            if fitting:
+                return min(fitting, key=lambda r: r.num_in_flight)
+        return None
+
+    async def _connection(self, replica: _Replica) -> ChannelConnection:
+        if replica.connection is not None and not replica.connection.is_closed:
+            return replica.connection
+        if replica.connecting is None:
+            replica.connecting = asyncio.ensure_future(self._connect(replica))
+        return await asyncio.shield(replica.connecting)
+
+    async def _connect(self, replica: _Replica) -> ChannelConnection:
+        try:
+            connection = ChannelConnection(replica.address)
+            await connection.connect(_CONNECT_TIMEOUT_S)
+            replica.connection = connection
+            return connection
+        finally:
+            replica.connecting = None
+
+    def _release(self, replica: _Replica) -> None:
+        replica.num_in_flight -= 1
+        if replica.num_in_flight == 0 and replica in self._retired:
+            self._retired.remove(replica)
+            if replica.connection is not None:
+                replica.connection.close("the replica left the deployment")
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    def _remove_waiter(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _sync_replicas(self) -> None:
+        """Follows Serve's membership: new replicas with a channel join; a removed replica takes no new
+        request and its connection closes once its last stream ends (a downscale drains, as on Serve's path)."""
+        assert self._directory is not None
+        current = {}
+        for replica_id, running in self._directory.replicas.items():
+            address = ReplicaDirectory.channel_address(running)
+            if address is None:
+                continue
+            known = self._replicas.get(replica_id)
+            if known is not None and known.address == address:
+                known.running = running
+                current[replica_id] = known
+            else:
+                current[replica_id] = _Replica(replica_id, address, running)
+        for replica_id, replica in self._replicas.items():
+            if replica_id not in current:
+                if replica.num_in_flight:
+                    self._retired.append(replica)
+                elif replica.connection is not None:
+                    replica.connection.close("the replica left the deployment")
+        self._replicas = current
+        for waiter in self._waiters:  # new replicas may have room
+            if not waiter.done():
+                waiter.set_result(None)

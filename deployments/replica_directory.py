@@ -1,0 +1,59 @@
+"""Which Engine replicas Serve runs, per process: written by the engine handle's request router
+(`routing.py`), read by the Router's direct channel (`engine_client.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ray.serve.request_router import RunningReplica
+
+    from deployments.routing import RoutingPolicy
+
+CHANNEL_METADATA_KEY = "engine_channel"
+
+
+class ReplicaDirectory:
+    """The Engine replicas Serve runs, as this process's request router last heard, with the policy that
+    ranks them: the Router's direct channel routes with it (`engine_client.py`), so Serve stays the one
+    source of membership (starts, health checks, replacements) and both paths share one prefix index.
+
+    `channel_address` comes from each replica's `record_replica_metadata` (static, known once it is ready).
+    """
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, RunningReplica] = {}
+        self.policy: RoutingPolicy | None = None
+        self._listeners: list[Callable[[], None]] = []
+
+    @staticmethod
+    def channel_address(replica: RunningReplica) -> str | None:
+        address = replica.replica_metadata.get(CHANNEL_METADATA_KEY)
+        return address if isinstance(address, str) else None
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def update(self, replicas: Iterable[RunningReplica], policy: RoutingPolicy) -> None:
+        self.replicas = {replica.replica_id.unique_id: replica for replica in replicas}
+        self.policy = policy
+        for listener in self._listeners:
+            listener()
+
+    def remove(self, replica_id: str) -> None:
+        if self.replicas.pop(replica_id, None) is not None:
+            for listener in self._listeners:
+                listener()
+
+
+_DIRECTORIES: dict[tuple[str, str], ReplicaDirectory] = {}
+
+
+def replica_directory(app_name: str, deployment_name: str) -> ReplicaDirectory:
+    """This process's directory for one deployment (created empty until its request router reports)."""
+    key = (app_name, deployment_name)
+    directory = _DIRECTORIES.get(key)
+    if directory is None:
+        directory = _DIRECTORIES[key] = ReplicaDirectory()
+    return directory

@@ -1,0 +1,221 @@
+"""The Router's EngineClient: it routes over real channels to the replicas Serve announced, with Serve's
+admission rules (max ongoing per replica, a bounded queue, then 503), and falls back to Serve's path."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import pytest
+
+from deployments.engine_channel import ChannelServer
+from deployments.engine_client import EngineClient
+from deployments.errors import OverloadedError
+from deployments.messages import FinishReason, GenerateRequest, TokenDelta
+from deployments.replica_directory import CHANNEL_METADATA_KEY, replica_directory
+from deployments.routing import RoutingPolicy
+
+T = TypeVar("T")
+_apps = itertools.count()
+
+
+def run(body: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(asyncio.wait_for(body(), timeout=30))
+
+
+def request(request_id: str, session_id: str | None = None) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=request_id, prompt_token_ids=[1, 2, 3], max_tokens=2, session_id=session_id
+    )
+
+
+class GatedEngine:
+    """A replica's `generate`: one token at once, the final one when the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.request_ids: list[str] = []
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        self.request_ids.append(request.request_id)
+        yield TokenDelta([7], num_prompt_tokens=len(request.prompt_token_ids))
+        await self.gate.wait()
+        yield TokenDelta([8], FinishReason.LENGTH)
+
+
+class FakeHandle:
+    """Serve's handle where the test needs only the fallback call it receives."""
+
+    def __init__(self, app_name: str) -> None:
+        self.app_name, self.deployment_name = app_name, "Engine"
+        self.calls: list[tuple[str | None, str]] = []
+        self._session_id: str | None = None
+
+    def options(self, *, session_id: str) -> FakeHandle:
+        handle = FakeHandle(self.app_name)
+        handle.calls, handle._session_id = self.calls, session_id
+        return handle
+
+    @property
+    def generate(self) -> Any:
+        return SimpleNamespace(remote=self._remote)
+
+    def _remote(self, request: GenerateRequest) -> Any:
+        self.calls.append((self._session_id, request.request_id))
+        return SimpleNamespace(cancel=lambda: None)
+
+
+def running_replica(replica_id: str, address: str | None, max_ongoing: int = 8) -> Any:
+    return SimpleNamespace(
+        replica_id=SimpleNamespace(unique_id=replica_id),
+        replica_metadata={CHANNEL_METADATA_KEY: address} if address else {},
+        max_ongoing_requests=max_ongoing,
+        routing_stats={},
+    )
+
+
+async def start_replicas(n: int) -> tuple[list[GatedEngine], list[ChannelServer], list[str]]:
+    engines = [GatedEngine() for _ in range(n)]
+    servers = [ChannelServer(engine.generate) for engine in engines]
+    addresses = [await server.start("127.0.0.1") for server in servers]
+    return engines, servers, addresses
+
+
+def client_for(
+    replicas: list[Any], *, max_queued: int = 16
+) -> tuple[EngineClient, FakeHandle, Any]:
+    handle = FakeHandle(f"app-{next(_apps)}")
+    directory = replica_directory(handle.app_name, handle.deployment_name)
+    directory.update(replicas, RoutingPolicy())
+    return EngineClient(handle, is_direct=True, max_queued_requests=max_queued), handle, directory
+
+
+async def finish(stream: Any) -> list[TokenDelta]:
+    deltas = []
+    while not deltas or not deltas[-1].is_final:
+        deltas.append(await stream.__anext__())
+    return deltas
+
+
+def test_replicas_without_a_channel_leave_requests_to_serves_path_with_their_session() -> None:
+    async def body() -> None:
+        client, handle, _ = client_for([running_replica("a", None)])
+        await client.open(request("r1", session_id="s"))
+        await client.open(request("r2"))
+        assert handle.calls == [("s", "r1"), (None, "r2")]
+        assert client.stats()["num_handle_streams"] == 2
+
+    run(body)
+
+
+def test_serve_handle_transport_never_opens_a_channel() -> None:
+    async def body() -> None:
+        _, servers, addresses = await start_replicas(1)
+        handle = FakeHandle(f"app-{next(_apps)}")
+        replica_directory(handle.app_name, "Engine").update(
+            [running_replica("a", addresses[0])], RoutingPolicy()
+        )
+        client = EngineClient(handle, is_direct=False, max_queued_requests=4)
+        await client.open(request("r1"))
+        assert handle.calls == [(None, "r1")] and servers[0].num_streams_served == 0
+
+    run(body)
+
+
+def test_a_full_replica_queues_then_refuses_past_max_queued_and_serves_the_queued_in_order() -> (
+    None
+):
+    async def body() -> None:
+        engines, _, addresses = await start_replicas(1)
+        client, _, _ = client_for([running_replica("a", addresses[0], max_ongoing=1)], max_queued=1)
+        first = await client.open(request("first"))
+        assert (await first.__anext__()).token_ids == [7]
+        queued = asyncio.create_task(client.open(request("queued")))
+        await asyncio.sleep(0.05)
+        assert not queued.done() and client.stats()["num_queued"] == 1
+        with pytest.raises(OverloadedError) as refused:
+            await client.open(request("refused"))
+        assert refused.value.status_code == 503 and refused.value.code == "engine_overloaded"
+        engines[0].gate.set()
+        await finish(first)
+        second = await asyncio.wait_for(queued, 5)
+        assert [t for d in await finish(second) for t in d.token_ids] == [7, 8]
+        assert engines[0].request_ids == ["first", "queued"]
+
+    run(body)
+
+
+def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    async def body() -> None:
+        engines, _, addresses = await start_replicas(1)
+        client, _, _ = client_for([running_replica("a", addresses[0], max_ongoing=1)], max_queued=1)
+        first = await client.open(request("first"))
+        waiting = asyncio.create_task(client.open(request("gave-up")))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        await asyncio.sleep(0)
+        assert client.stats()["num_queued"] == 0
+        engines[0].gate.set()
+        await finish(first)
+        await finish(await client.open(request("next")))
+        assert engines[0].request_ids == ["first", "next"]
+
+    run(body)
+
+
+def test_a_session_stays_on_one_replica() -> None:
+    async def body() -> None:
+        engines, _, addresses = await start_replicas(3)
+        for engine in engines:
+            engine.gate.set()
+        replicas = [running_replica(name, a) for name, a in zip("abc", addresses, strict=True)]
+        client, _, _ = client_for(replicas)
+        for i in range(6):
+            await finish(await client.open(request(f"r{i}", session_id="conversation-1")))
+        counts = sorted(len(engine.request_ids) for engine in engines)
+        assert counts == [0, 0, 6]
+        assert client.stats()["num_direct_streams"] == 6
+
+    run(body)
+
+
+def test_an_unreachable_replica_is_skipped_and_with_none_left_serves_path_takes_over() -> None:
+    async def body() -> None:
+        engines, servers, addresses = await start_replicas(2)
+        engines[1].gate.set()
+        await servers[0].close(drain_timeout_s=0)  # its port now refuses connections
+        replicas = [running_replica("a", addresses[0]), running_replica("b", addresses[1])]
+        client, handle, directory = client_for(replicas)
+        for i in range(4):
+            await finish(await client.open(request(f"r{i}")))
+        assert len(engines[1].request_ids) == 4 and handle.calls == []
+        directory.update([replicas[0]], RoutingPolicy())
+        await client.open(request("fallback"))
+        assert handle.calls == [(None, "fallback")]
+
+    run(body)
+
+
+def test_a_replica_serve_removes_finishes_its_stream_and_takes_no_new_request() -> None:
+    async def body() -> None:
+        engines, _, addresses = await start_replicas(2)
+        engines[1].gate.set()
+        replicas = [running_replica("a", addresses[0]), running_replica("b", addresses[1])]
+        client, _, directory = client_for(replicas)
+        streams = [await client.open(request(f"r{i}")) for i in range(4)]
+        for stream in streams:
+            await stream.__anext__()  # each replica has seen its requests
+        on_a = [s for i, s in enumerate(streams) if f"r{i}" in engines[0].request_ids]
+        assert on_a, "the least-loaded choice spreads four requests over both replicas"
+        directory.update([replicas[1]], RoutingPolicy())  # Serve dropped replica a
+        for i in range(3):
+            await finish(await client.open(request(f"after-{i}")))
+        assert not any(rid.startswith("after") for rid in engines[0].request_ids)
+        engines[0].gate.set()
+        for stream in on_a:
+            assert (await finish(stream))[-1].finish_reason is FinishReason.LENGTH
+
+    run(body)
