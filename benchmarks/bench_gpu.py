@@ -192,7 +192,11 @@ def phase_executor(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
     from benchmarks.common import in_process_executor
 
     attn, graph = args.engine_config.split(":")
-    engine = {"kind": "transformers", "transformers": engine_args(cfg, attn, graph == "graph")}
+    transformers = {
+        **engine_args(cfg, attn, graph == "graph"),
+        **json.loads(args.transformers_json),
+    }
+    engine = {"kind": "transformers", "transformers": transformers}
     source = loadgen.PromptSource(args.model_dir, seed=2)
     out: dict[str, Any] = {"card": _card(), "engine": engine, "levels": []}
 
@@ -234,7 +238,7 @@ def tree_commit(tree: str) -> str | None:
 
 
 def phase_stack(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
-    from benchmarks.server import serve_app
+    from benchmarks.server import merge, serve_app
 
     attn, graph = args.engine_config.split(":")
     num_replicas = args.replicas
@@ -242,15 +246,17 @@ def phase_stack(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]
     gpu = cfg["device"] == "cuda"
     overrides = {
         "model": {"path": args.model_dir, "served_model_name": SERVED},
-        "engine": {
-            "kind": "transformers",
-            "num_replicas": num_replicas,
-            "num_cpus_per_replica": 1 if gpu else 0.5,
-            "num_gpus_per_replica": 1 if gpu else 0,
-            "max_ongoing_requests": 256,
-            "transformers": engine_args(cfg, attn, graph == "graph"),
-            **json.loads(args.engine_json),
-        },
+        "engine": merge(
+            {
+                "kind": "transformers",
+                "num_replicas": num_replicas,
+                "num_cpus_per_replica": 1 if gpu else 0.5,
+                "num_gpus_per_replica": 1 if gpu else 0,
+                "max_ongoing_requests": 256,
+                "transformers": engine_args(cfg, attn, graph == "graph"),
+            },
+            json.loads(args.engine_json),
+        ),
         "router": {"num_replicas": 1, "max_ongoing_requests": 1024},
     }
     source = loadgen.PromptSource(args.model_dir, seed=3)
@@ -497,6 +503,15 @@ def main() -> None:
         "--variant-engine", action="append", default=[], help="NAME=JSON engine args (GPU stack)"
     )
     parser.add_argument("--engine-json", default="{}")
+    parser.add_argument(
+        "--executor-variant",
+        action="append",
+        default=[],
+        help='NAME=JSON transformers args of one more in-process run, e.g. greedy={"sampling": "greedy"}',
+    )
+    parser.add_argument(
+        "--transformers-json", default="{}", help="(executor phase) from --executor-variant"
+    )
     parser.add_argument("--env-json", default="{}", help="environment of the stack's `serve run`")
     parser.add_argument(
         "--variant-env", action="append", default=[], help="NAME=JSON serve-run env (GPU stack)"
@@ -523,6 +538,7 @@ def main() -> None:
     args.cpu_tree_env = dict(item.split("=", 1) for item in args.cpu_tree_env)
     args.variant_engine = dict(item.split("=", 1) for item in args.variant_engine)
     args.variant_env = dict(item.split("=", 1) for item in args.variant_env)
+    executor_variants = dict(item.split("=", 1) for item in args.executor_variant)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SHEPHERD_CACHE_DIR", str(Path(args.work) / "cache"))
     cfg = settings(args.dry_run)
@@ -583,12 +599,20 @@ def main() -> None:
         if "executor" in skip or left() < 60:
             report[f"executor[{name}]"] = {"skipped": f"{left():.0f}s left"}
             continue
-        extra = [*base, "--engine-config", name, "--waves", str(args.waves)]
-        result = run_phase(f"executor:{name}", extra, args, min(200, left() - 30), gpu0, gpu_cores)
-        report[f"executor[{name}]"] = result
-        tok_s = best_tok_s(result.get("levels", []), max(cfg["levels"])) or 0.0
-        best = max(best, (tok_s, name))
-        save()
+        for variant, transformers_json in [("", "{}"), *executor_variants.items()]:
+            if left() < 60:
+                break
+            key = f"executor[{name}{'+' + variant if variant else ''}]"
+            extra = [*base, "--engine-config", name, "--waves", str(args.waves)]
+            extra += ["--transformers-json", transformers_json]
+            result = run_phase(
+                f"executor:{key}", extra, args, min(200, left() - 30), gpu0, gpu_cores
+            )
+            report[key] = result
+            if not variant:  # the stack phases run the default executor settings' best config
+                tok_s = best_tok_s(result.get("levels", []), max(cfg["levels"])) or 0.0
+                best = max(best, (tok_s, name))
+            save()
     report["stack_engine_config"] = best[1]
 
     def variant_args(variant: str, tree: str) -> list[str]:

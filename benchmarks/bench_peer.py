@@ -96,6 +96,7 @@ def start(name: str, args: argparse.Namespace, port: int) -> Iterator[tuple[str,
                     "page_size": PAGE_SIZE,
                     "max_batch_tokens": args.max_batch_tokens,
                     "use_cuda_graph": args.cuda_graph,
+                    **json.loads(args.shepherd_engine).get("transformers", {}),
                 },
             },
         }

@@ -137,9 +137,14 @@ def serve_app(
         yield ServeApp(process, base_url, log_path)
     finally:
         process.send_signal(signal.SIGINT)
+        stopping_since = time.monotonic()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=20)
         kill_session(process.pid)
+        # Killed processes release the port a moment later; the next tree of the same run needs it.
+        while not port_is_free(port) and time.monotonic() - stopping_since < 60:
+            time.sleep(0.5)
+        print(f"serve run stopped in {time.monotonic() - stopping_since:.1f} s", flush=True)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:

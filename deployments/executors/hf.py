@@ -69,6 +69,10 @@ class TransformersExecutor(Executor):
         self._manager: ContinuousBatchingManager | None = None
         self._tracked: dict[str, _Tracked] = {}
         self._vocab_size = 0
+        self._is_greedy_only = config.sampling == "greedy"
+        self.capabilities = EngineCapabilities(
+            supports_logprobs=True, supports_sampling=not self._is_greedy_only
+        )
         self.device = "cpu"
 
     async def start(self) -> None:
@@ -96,11 +100,19 @@ class TransformersExecutor(Executor):
         )
         model = model.to(device).eval()
         self._vocab_size = int(model.config.vocab_size)
+        # Greedy only: no processors at all, CB takes the argmax of the logits (transformers serve's default).
+        sampling: dict[str, Any] = (
+            {"do_sample": False}
+            if self._is_greedy_only
+            else {
+                "do_sample": True,
+                "temperature": _BASE_TEMPERATURE,
+                "top_k": _BASE_TOP_K,
+                "top_p": _BASE_TOP_P,
+            }
+        )
         generation_config = GenerationConfig(
-            do_sample=True,
-            temperature=_BASE_TEMPERATURE,
-            top_k=_BASE_TOP_K,
-            top_p=_BASE_TOP_P,
+            **sampling,
             max_new_tokens=16,
             eos_token_id=-1,
             pad_token_id=model.config.pad_token_id or 0,
@@ -111,7 +123,7 @@ class TransformersExecutor(Executor):
             page_size=cfg.page_size,
             max_requests_per_batch=cfg.max_requests_per_batch,
             allow_block_sharing=cfg.enable_prefix_sharing,
-            per_request_processors=True,
+            per_request_processors=not self._is_greedy_only,
             return_logprobs=True,
             use_cuda_graph=cfg.use_cuda_graph if device != "cpu" else False,
             scheduler_type=cfg.scheduler,
@@ -147,7 +159,7 @@ class TransformersExecutor(Executor):
             max_new_tokens=request.max_tokens,
             streaming=True,
             eos_token_id=request.end_id if request.end_id is not None else -1,
-            **sampling_kwargs(request, self._vocab_size),
+            **({} if self._is_greedy_only else sampling_kwargs(request, self._vocab_size)),
         )
         if accepted is None:
             self._forget(request_id)

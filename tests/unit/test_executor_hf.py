@@ -40,9 +40,9 @@ def reference_tokens(model: Any, ids: list[int], max_new_tokens: int) -> list[in
     return list(out[0, len(ids) :].tolist())
 
 
-async def _executor(model_dir: Path) -> TransformersExecutor:
+async def _executor(model_dir: Path, sampling: str = "per_request") -> TransformersExecutor:
     executor = TransformersExecutor(
-        model_dir, TransformersEngineConfig(device="cpu", num_blocks=64)
+        model_dir, TransformersEngineConfig(device="cpu", num_blocks=64, sampling=sampling)
     )
     await executor.start()
     return executor
@@ -57,14 +57,15 @@ async def collect(stream: AsyncIterator[Any]) -> tuple[list[int], FinishReason |
     return token_ids, finish
 
 
+@pytest.mark.parametrize("sampling", ["per_request", "greedy"])
 def test_concurrent_greedy_output_equals_generate(
-    model_dir: Path, tokenizer: Any, reference_model: Any
+    model_dir: Path, tokenizer: Any, reference_model: Any, sampling: str
 ) -> None:
     prompts = [prompt_ids(tokenizer, text) for text in PROMPTS]
     expected = [reference_tokens(reference_model, ids, 24) for ids in prompts]
 
     async def main() -> list[tuple[list[int], FinishReason | None]]:
-        executor = await _executor(model_dir)
+        executor = await _executor(model_dir, sampling)
         try:
             requests = [
                 GenerateRequest(
@@ -206,3 +207,34 @@ def test_a_subnormal_temperature_is_greedy_and_does_not_break_the_batch(
 
     results = asyncio.run(main())
     assert [tokens for tokens, _ in results] == [expected, expected]
+
+
+def test_greedy_only_engine_has_no_processors_and_returns_the_models_own_logprobs(
+    model_dir: Path, tokenizer: Any, reference_model: Any
+) -> None:
+    """`sampling: greedy` drops transformers' per-request processors; its logprobs are those of the model's
+    distribution (the per-request path returns those of its top-k=1 distribution, 0.0)."""
+    ids = prompt_ids(tokenizer, PROMPTS[0])
+    with torch.no_grad():
+        logits = reference_model(torch.tensor([ids])).logits[0, -1].float()
+    first = int(logits.argmax())
+    want_logprob = float(torch.log_softmax(logits, dim=-1)[first])
+
+    async def main() -> tuple[bool, list[Any]]:
+        executor = await _executor(model_dir, "greedy")
+        try:
+            assert executor._manager is not None
+            has_processors = executor._manager.logit_processor.do_processing
+            request = GenerateRequest(
+                request_id="r", prompt_token_ids=ids, max_tokens=4, return_logprobs=True
+            )
+            deltas = [d async for d in executor.generate(request)]
+            return has_processors, deltas
+        finally:
+            await executor.shutdown()
+
+    has_processors, deltas = asyncio.run(main())
+    assert not has_processors
+    assert deltas[0].token_ids[0] == first
+    assert deltas[0].logprobs is not None
+    assert deltas[0].logprobs[0] == pytest.approx(want_logprob, abs=1e-3)
