@@ -65,8 +65,9 @@ class TransformersEngineConfig(_Strict):
     sampling: Literal["per_request", "greedy"] = Field(
         default="per_request",
         description="per_request: each request's temperature, top_k and top_p (transformers' per-request "
-        "processors, which cost about 20 % of decode speed); greedy: argmax for every request, no processors, "
-        "and a request that sets temperature > 0, top_p < 1 or top_k > 1 gets a 400.",
+        "processors, which cost about 20 % of decode speed); greedy: argmax for every request, no processors; "
+        "an unset temperature means 0, and a request that would sample (temperature > 0 and top_k != 1) gets "
+        "a 400.",
     )
 
 

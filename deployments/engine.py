@@ -61,6 +61,8 @@ class Engine:
     """
 
     async def __init__(self, config: EngineConfig, model_dir: str) -> None:
+        self._channel: ChannelServer | None = None  # first: `__del__` runs even if the rest fails
+        self._channel_address: str | None = None
         self._stream_interval_tokens = config.stream_interval_tokens
         self._executor = create_executor(config, model_dir)
         await self._executor.start()
@@ -71,8 +73,6 @@ class Engine:
         self._metrics_task = metrics.start_polling(
             lambda: engine_metrics.update(self._executor.stats())
         )
-        self._channel: ChannelServer | None = None
-        self._channel_address: str | None = None
         if config.transport == "direct":
             self._channel = ChannelServer(self.generate)
             self._channel_address = await self._channel.start(ray.util.get_node_ip_address())
@@ -131,7 +131,9 @@ class Engine:
     async def __del__(self) -> None:
         if self._channel is not None:
             await self._channel.close(drain_timeout_s=_CHANNEL_DRAIN_TIMEOUT_S)
-        await self._executor.shutdown()
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            await executor.shutdown()
 
 
 def engine_deployment(config: EngineConfig, model_dir: str) -> Any:

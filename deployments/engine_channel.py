@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -132,6 +133,7 @@ class ChannelServer:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._is_closing = False
         self.num_streams_served = 0
 
     async def start(self, host: str) -> str:
@@ -147,12 +149,19 @@ class ChannelServer:
     async def close(self, drain_timeout_s: float) -> None:
         """Stops accepting, lets running streams finish for up to `drain_timeout_s`, then closes every
         connection: routers fail what is left with EngineDead instead of waiting."""
+        self._is_closing = (
+            True  # routers that have not heard of the stop yet get an error, not a cut stream
+        )
         if self._server is not None:
             self._server.close()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=drain_timeout_s)
-        for task in list(self._tasks):
+        left = list(self._tasks)
+        for task in left:
             task.cancel()
+        await asyncio.gather(
+            *left, return_exceptions=True
+        )  # their generators close: the executor cancels
         for writer in list(self._writers):
             writer.close()
 
@@ -160,30 +169,38 @@ class ChannelServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         streams: dict[int, asyncio.Task[None]] = {}
+        outbox = _Outbox(writer)
         self._writers.add(writer)
         try:
             while True:
                 frame = await read_frame(reader)
                 kind, seq = frame[0], frame[1]
-                if kind == "g":
-                    task = asyncio.create_task(self._run_stream(seq, frame[2], writer))
+                if not isinstance(seq, int) or (kind == "g" and seq in streams):
+                    raise ValueError(f"bad stream number {seq!r}")
+                if kind == "g" and self._is_closing:
+                    error = errors.EngineDead(
+                        "the engine replica is stopping", code="replica_stopping"
+                    )
+                    outbox.send(_error_frame(seq, error))
+                elif kind == "g":
+                    task = asyncio.create_task(self._run_stream(seq, frame[2], outbox))
                     streams[seq] = task
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                     task.add_done_callback(lambda _, seq=seq: streams.pop(seq, None))
                 elif kind == "c" and (task := streams.pop(seq, None)) is not None:
                     task.cancel()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, OSError):
             pass  # the router closed the connection (or its process ended)
         except Exception:
-            logger.exception("closing a malformed engine channel connection")
+            logger.exception("closing an engine channel connection that sent a malformed frame")
         finally:
             for task in list(streams.values()):
                 task.cancel()
             self._writers.discard(writer)
             writer.close()
 
-    async def _run_stream(self, seq: int, wire: Any, writer: asyncio.StreamWriter) -> None:
+    async def _run_stream(self, seq: int, wire: Any, outbox: _Outbox) -> None:
         self.num_streams_served += 1
         try:
             deltas = self._generate(request_from_wire(wire))
@@ -194,33 +211,66 @@ class ChannelServer:
                     finish = None if delta.finish_reason is None else delta.finish_reason.value
                     frame = ["d", seq, delta.token_ids, finish, delta.logprobs]
                     frame.append(delta.num_prompt_tokens)
-                    if not _write(writer, frame):
+                    if not outbox.send(frame):
                         return
-                    if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER_BYTES:
-                        await writer.drain()
-        except asyncio.CancelledError:
-            pass  # cancelled by the router; its stream is gone, nothing to report
+                    if outbox.is_backed_up:
+                        await outbox.drain()
+        except (asyncio.CancelledError, ConnectionError):
+            pass  # cancelled by the router, or the router is gone: nothing to report
         except Exception as error:
             if not isinstance(error, errors.ServingError):
                 logger.exception("engine stream %s failed", seq)
                 error = errors.EngineError(f"the engine failed: {type(error).__name__}: {error}")
-            _write(writer, ["e", seq, type(error).__name__, error.message, error.param, error.code])
+            outbox.send(_error_frame(seq, error))
 
 
-def _write(writer: asyncio.StreamWriter, frame: list[Any]) -> bool:
-    if writer.is_closing():
-        return False
-    writer.write(encode_frame(frame))
-    return True
+def _error_frame(seq: int, error: errors.ServingError) -> list[Any]:
+    return ["e", seq, type(error).__name__, error.message, error.param, error.code]
+
+
+class _Outbox:
+    """Frames sent during one turn of the event loop leave in one write: one system call per engine step
+    and connection, not one per token and request."""
+
+    __slots__ = ("_frames", "_writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._frames: list[bytes] = []
+
+    def send(self, frame: list[Any]) -> bool:
+        return self.send_encoded(encode_frame(frame))
+
+    def send_encoded(self, data: bytes) -> bool:
+        if self._writer.is_closing():
+            return False
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._frames.append(data)
+        return True
+
+    @property
+    def is_backed_up(self) -> bool:
+        return self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER_BYTES
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    def _flush(self) -> None:
+        frames, self._frames = self._frames, []
+        if frames and not self._writer.is_closing():
+            self._writer.write(b"".join(frames))
 
 
 class ChannelStream:
     """One request's deltas as the router reads them; `cancel()` stops the engine request.
 
     Deltas merge while the router lags (the executor's one-slot mailbox), so a busy router reads fewer,
-    larger items instead of queueing them."""
+    larger items instead of queueing them. The stream gives its admission slot back (`on_done`) as soon as
+    the engine is done with the request: its final delta or error arrived, it was cancelled, or the
+    connection closed, whether or not anyone reads what is left."""
 
-    __slots__ = ("_connection", "_is_done", "_mailbox", "_on_done", "_seq")
+    __slots__ = ("_connection", "_is_read_to_end", "_is_released", "_mailbox", "_on_done", "_seq")
 
     def __init__(
         self, connection: ChannelConnection, seq: int, on_done: Callable[[], None]
@@ -228,52 +278,59 @@ class ChannelStream:
         self._connection = connection
         self._seq = seq
         self._mailbox = DeltaCollector()
-        self._is_done = False
+        self._is_read_to_end = False
+        self._is_released = False
         self._on_done = on_done
 
     def __aiter__(self) -> ChannelStream:
         return self
 
     async def __anext__(self) -> TokenDelta:
-        if self._is_done:
+        if self._is_read_to_end:
             raise StopAsyncIteration
         try:
             delta = await self._mailbox.get()
         except asyncio.CancelledError:
             raise  # the reader was cancelled, not the stream: `cancel()` decides
         except BaseException:
-            self._end()  # the engine failed the request, or the connection dropped
+            self._is_read_to_end = True  # the engine failed the request, or the connection dropped
             raise
         if delta.is_final:
-            self._end()
+            self._is_read_to_end = True
         return delta
 
     def cancel(self) -> None:
-        if not self._is_done:
-            self._end()
+        """Stops the engine request; a reader still waiting gets an EngineError (as Serve's cancel raises)."""
+        if not self._is_released:
             self._connection.send_cancel(self._seq)
+            self.end(errors.EngineError("the request was cancelled", code="cancelled"))
+        self._is_read_to_end = True
 
     def put(self, delta: TokenDelta) -> None:
         self._mailbox.put(delta)
+        if delta.is_final:
+            self.end(None)
 
-    def fail(self, error: BaseException) -> None:
-        self._mailbox.fail(error)
-
-    def _end(self) -> None:
-        if not self._is_done:
-            self._is_done = True
+    def end(self, error: BaseException | None) -> None:
+        """The engine is done with this request (an error, if any, is what a reader gets next)."""
+        if error is not None:
+            self._mailbox.fail(error)
+        if not self._is_released:
+            self._is_released = True
             self._connection.forget(self._seq)
             self._on_done()
 
 
 class ChannelConnection:
     """The router's end of one engine replica's channel. Connection loss fails every open stream with
-    EngineDead, as a dead replica does on Serve's path; the next request opens a new connection."""
+    EngineDead, as a dead replica does on Serve's path; the next request opens a new connection. TCP
+    keepalive notices an engine host that vanished without closing the connection."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._outbox: _Outbox | None = None
         self._read_task: asyncio.Task[None] | None = None
         self._streams: dict[int, ChannelStream] = {}
         self._next_seq = 0
@@ -284,6 +341,8 @@ class ChannelConnection:
         self._reader, self._writer = await asyncio.wait_for(
             asyncio.open_connection(host, int(port)), timeout_s
         )
+        _enable_keepalive(self._writer.get_extra_info("socket"))
+        self._outbox = _Outbox(self._writer)
         self._read_task = asyncio.create_task(self._read_loop())
 
     @property
@@ -291,17 +350,19 @@ class ChannelConnection:
         return len(self._streams)
 
     def open(self, request: GenerateRequest, on_done: Callable[[], None]) -> ChannelStream:
-        if self.is_closed or self._writer is None:
+        if self.is_closed or self._outbox is None:
             raise errors.EngineDead("the engine replica's channel is closed")
-        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        seq = self._next_seq
+        data = encode_frame(["g", seq, request_to_wire(request)])  # fails before the stream exists
+        self._next_seq += 1
         stream = ChannelStream(self, seq, on_done)
         self._streams[seq] = stream
-        self._writer.write(encode_frame(["g", seq, request_to_wire(request)]))
+        self._outbox.send_encoded(data)
         return stream
 
     def send_cancel(self, seq: int) -> None:
-        if not self.is_closed and self._writer is not None:
-            self._writer.write(encode_frame(["c", seq]))
+        if not self.is_closed and self._outbox is not None:
+            self._outbox.send(["c", seq])
 
     def forget(self, seq: int) -> None:
         self._streams.pop(seq, None)
@@ -311,7 +372,7 @@ class ChannelConnection:
             return
         self.is_closed = True
         for stream in list(self._streams.values()):
-            stream.fail(errors.EngineDead(f"the engine replica became unavailable: {reason}"))
+            stream.end(errors.EngineDead(f"the engine replica became unavailable: {reason}"))
         self._streams.clear()
         if self._writer is not None:
             self._writer.close()
@@ -338,8 +399,8 @@ class ChannelConnection:
                         )
                     )
                 elif frame[0] == "e":
-                    stream.fail(error_from_wire(frame))
-        except (asyncio.IncompleteReadError, ConnectionError) as error:
+                    stream.end(error_from_wire(frame))
+        except (asyncio.IncompleteReadError, OSError) as error:
             reason = f"its channel connection closed ({type(error).__name__})"
         except asyncio.CancelledError:
             return
@@ -347,3 +408,13 @@ class ChannelConnection:
             logger.exception("malformed frame from engine channel %s", self.address)
             reason = f"malformed frame ({type(error).__name__})"
         self.close(reason)
+
+
+def _enable_keepalive(sock: socket.socket | None) -> None:
+    """Probes an idle connection after 10 s, every 5 s, and gives up after 3 misses (Linux options)."""
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)

@@ -46,7 +46,6 @@ class _Replica:
         "address",
         "connecting",
         "connection",
-        "max_ongoing_requests",
         "num_in_flight",
         "replica_id",
         "running",
@@ -57,11 +56,14 @@ class _Replica:
         self.replica_id = replica_id
         self.address = address
         self.running = running  # Serve's RunningReplica: max_ongoing_requests and routing stats
-        self.max_ongoing_requests: int = running.max_ongoing_requests
         self.connection: ChannelConnection | None = None
         self.connecting: asyncio.Future[ChannelConnection] | None = None
         self.num_in_flight = 0
         self.unreachable_until = 0.0
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        return int(self.running.max_ongoing_requests)
 
     def reported_load(self) -> int:
         """The replica's own last count (every router's requests), from Serve's routing stats."""
@@ -78,13 +80,14 @@ class EngineClient:
         self._max_queued_requests = max_queued_requests
         self._replicas: dict[str, _Replica] = {}
         self._retired: list[_Replica] = []
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._queue: deque[_Ticket] = deque()
         self._directory: ReplicaDirectory | None = None
         self.num_direct_streams = 0
         self.num_handle_streams = 0
         if is_direct:
+            self._loop = asyncio.get_running_loop()
             self._directory = replica_directory(handle.app_name, handle.deployment_name)
-            self._directory.subscribe(self._sync_replicas)
+            self._directory.subscribe(self._on_membership_change)
             self._sync_replicas()
 
     async def open(self, request: GenerateRequest) -> EngineStream:
@@ -107,7 +110,7 @@ class EngineClient:
             "num_handle_streams": self.num_handle_streams,
             "num_direct_replicas": len(self._replicas),
             "num_serve_replicas": 0 if self._directory is None else len(self._directory.replicas),
-            "num_queued": len(self._waiters),
+            "num_queued": len(self._queue),
         }
 
     # ---- the direct path ------------------------------------------------------------------------------
@@ -118,51 +121,56 @@ class EngineClient:
                 return None
             try:
                 connection = await self._connection(replica)
+                # From here the stream gives the slot back, when the engine is done with the request.
                 return connection.open(request, on_done=functools.partial(self._release, replica))
             except (OSError, asyncio.TimeoutError) as error:
                 self._release(replica)
-                replica.unreachable_until = time.monotonic() + _UNREACHABLE_FOR_S
-                logger.warning(
-                    "engine replica %s: channel %s unreachable (%s); using the next replica or "
-                    "Serve's path",
-                    replica.replica_id,
-                    replica.address,
-                    type(error).__name__,
-                )
+                self._set_unreachable(replica, error)
+            except BaseException:
+                self._release(replica)  # cancelled while connecting, or the new connection failed
+                raise
 
     async def _admit(self, request: GenerateRequest) -> _Replica | None:
         """A replica with room for one more of this process's requests, counted in; None when no replica
-        has a channel (Serve's path then); waits in FIFO order while all are full."""
-        is_woken = False
-        while True:
-            now = time.monotonic()
-            candidates = [r for r in self._replicas.values() if r.unreachable_until <= now]
-            if not candidates:
-                return None
-            if is_woken or not self._waiters:
-                replica = self._choose(candidates, request)
+        has a channel (Serve's path then). While all are full, requests wait in line: a newcomer never
+        overtakes a waiting request, and a woken request that finds no room keeps its place."""
+        ticket: _Ticket | None = None
+        try:
+            while True:
+                now = time.monotonic()
+                candidates = [r for r in self._replicas.values() if r.unreachable_until <= now]
+                if not candidates:
+                    return None
+                may_try = (ticket is None and not self._queue) or (
+                    ticket is not None and ticket.future.done()
+                )
+                replica = self._choose(candidates, request) if may_try else None
                 if replica is not None:
                     replica.num_in_flight += 1
-                    assert self._directory is not None and self._directory.policy is not None
-                    self._directory.policy.record_routed(
-                        replica.replica_id, request.prompt_token_ids
-                    )
+                    policy = self._directory.policy if self._directory is not None else None
+                    if policy is not None and policy.config.is_affinity:
+                        policy.record_routed(replica.replica_id, request.prompt_token_ids)
                     return replica
-            if len(self._waiters) >= self._max_queued_requests:
-                raise OverloadedError(
-                    "the engine is at capacity; retry shortly", code="engine_overloaded"
-                )
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # woken, then cancelled: the slot goes to the next in line
-                raise
-            finally:
-                self._remove_waiter(waiter)
-            is_woken = True
+                if ticket is None:
+                    if len(self._queue) >= self._max_queued_requests:
+                        raise OverloadedError(
+                            "the engine is at capacity; retry shortly", code="engine_overloaded"
+                        )
+                    ticket = _Ticket()
+                    self._queue.append(ticket)
+                elif (
+                    ticket.future.done()
+                ):  # woken, but the room went elsewhere: wait again, same place
+                    ticket.future = asyncio.get_running_loop().create_future()
+                await ticket.future
+        except asyncio.CancelledError:
+            if ticket is not None and ticket.future.done() and not ticket.future.cancelled():
+                self._remove_ticket(ticket)
+                self._wake_one()  # woken, then cancelled: the wake-up goes to the next in line
+            raise
+        finally:
+            if ticket is not None:
+                self._remove_ticket(ticket)
 
     def _choose(self, candidates: list[_Replica], request: GenerateRequest) -> _Replica | None:
         assert self._directory is not None and self._directory.policy is not None
@@ -210,24 +218,55 @@ class EngineClient:
                 replica.connection.close("the replica left the deployment")
         self._wake_one()
 
-    def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
+    def _set_unreachable(self, replica: _Replica, error: BaseException) -> None:
+        replica.unreachable_until = time.monotonic() + _UNREACHABLE_FOR_S
+        logger.warning(
+            "engine replica %s: channel %s unreachable (%s); using the other replicas, or Serve's path "
+            "when none is left",
+            replica.replica_id,
+            replica.address,
+            type(error).__name__,
+        )
+        # Waiting requests may go elsewhere now, and may come back when the replica is tried again.
+        self._wake_all()
+        asyncio.get_running_loop().call_later(_UNREACHABLE_FOR_S, self._wake_all)
 
-    def _remove_waiter(self, waiter: asyncio.Future[None]) -> None:
+    def _wake_one(self) -> None:
+        for ticket in self._queue:
+            if not ticket.future.done():
+                ticket.future.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        for ticket in self._queue:
+            if not ticket.future.done():
+                ticket.future.set_result(None)
+
+    def _remove_ticket(self, ticket: _Ticket) -> None:
         try:
-            self._waiters.remove(waiter)
+            self._queue.remove(ticket)
         except ValueError:
             pass
 
+    def _on_membership_change(self) -> None:
+        # Serve calls the request router on this loop (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, placement.py);
+        # should it run on a thread of its own, the change still reaches this loop safely.
+        try:
+            is_on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            is_on_loop = False
+        if is_on_loop:
+            self._sync_replicas()
+        else:
+            self._loop.call_soon_threadsafe(self._sync_replicas)
+
     def _sync_replicas(self) -> None:
-        """Follows Serve's membership: new replicas with a channel join; a removed replica takes no new
-        request and its connection closes once its last stream ends (a downscale drains, as on Serve's path)."""
+        """Follows Serve's membership: new replicas with a channel join; a replica Serve stopped routing to
+        takes no new request and its connection closes once its last stream ends (a downscale drains, as on
+        Serve's path); a replica whose actor died fails its streams at once."""
         assert self._directory is not None
-        current = {}
+        current: dict[str, _Replica] = {}
+        is_grown = False
         for replica_id, running in self._directory.replicas.items():
             address = ReplicaDirectory.channel_address(running)
             if address is None:
@@ -238,13 +277,23 @@ class EngineClient:
                 current[replica_id] = known
             else:
                 current[replica_id] = _Replica(replica_id, address, running)
+                is_grown = True
         for replica_id, replica in self._replicas.items():
-            if replica_id not in current:
-                if replica.num_in_flight:
-                    self._retired.append(replica)
-                elif replica.connection is not None:
-                    replica.connection.close("the replica left the deployment")
+            if current.get(replica_id) is replica:
+                continue
+            if replica.num_in_flight and replica_id not in self._directory.died:
+                self._retired.append(replica)
+            elif replica.connection is not None:
+                replica.connection.close("the replica left the deployment")
         self._replicas = current
-        for waiter in self._waiters:  # new replicas may have room
-            if not waiter.done():
-                waiter.set_result(None)
+        if is_grown:
+            self._wake_all()  # new replicas have room
+
+
+class _Ticket:
+    """A request's place in line while every replica is full."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -104,6 +104,8 @@ class Generation:
         except StopAsyncIteration:
             raise EngineError("the engine closed the stream without a result") from None
         except BaseException as error:
+            if self._stream is not None:
+                self._stream.cancel()  # cancelled or failed before the first token: free the engine slot
             self._is_done = True
             self._finish("error")
             if isinstance(error, Exception):

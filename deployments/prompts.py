@@ -168,23 +168,6 @@ class PromptBuilder:
             )
         return requested
 
-    @staticmethod
-    def _greedy_only(body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
-        """A greedy-only engine decodes greedily when the request leaves sampling unset (the engine's default,
-        as a model's generation_config.json sets one) and refuses a request that asks for sampling."""
-        for param, is_sampling in (
-            ("temperature", body.temperature is not None and body.temperature > 0),
-            ("top_p", body.top_p is not None and body.top_p < 1),
-            ("top_k", body.top_k is not None and body.top_k > 1),
-        ):
-            if is_sampling:
-                raise RequestError(
-                    f"{param}: this engine decodes greedily only (engine.transformers.sampling: greedy); "
-                    f"leave {param} unset",
-                    param=param,
-                )
-        return SamplingParams(temperature=0.0, min_tokens=body.min_tokens)
-
     def _sampling(self, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         caps = self._capabilities
         if body.seed is not None and not caps.supports_seed:
@@ -199,10 +182,11 @@ class PromptBuilder:
                     raise RequestError(f"{param} is not supported by this engine", param=param)
         if body.min_tokens and not caps.supports_min_tokens:
             raise RequestError("min_tokens is not supported by this engine", param="min_tokens")
-        if not caps.supports_sampling:
-            return self._greedy_only(body)
-        return SamplingParams(
-            temperature=1.0 if body.temperature is None else body.temperature,
+        # A greedy-only engine decodes greedily when the request leaves temperature unset (its default, as a
+        # model's generation_config.json sets one) and refuses a request that would sample.
+        default_temperature = 1.0 if caps.supports_sampling else 0.0
+        sampling = SamplingParams(
+            temperature=default_temperature if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k or 0,
             seed=body.seed,
@@ -211,3 +195,10 @@ class PromptBuilder:
             repetition_penalty=body.repetition_penalty,
             min_tokens=body.min_tokens,
         )
+        if not caps.supports_sampling and not sampling.is_greedy:
+            raise RequestError(
+                "temperature: this engine decodes greedily only (engine.transformers.sampling: greedy); "
+                "set temperature to 0 or leave it unset",
+                param="temperature",
+            )
+        return sampling

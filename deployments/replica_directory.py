@@ -25,6 +25,7 @@ class ReplicaDirectory:
     def __init__(self) -> None:
         self.replicas: dict[str, RunningReplica] = {}
         self.policy: RoutingPolicy | None = None
+        self.died: set[str] = set()  # replicas whose actor died (their connections close at once)
         self._listeners: list[Callable[[], None]] = []
 
     @staticmethod
@@ -42,6 +43,8 @@ class ReplicaDirectory:
             listener()
 
     def remove(self, replica_id: str) -> None:
+        """Serve saw the replica's actor die."""
+        self.died.add(replica_id)
         if self.replicas.pop(replica_id, None) is not None:
             for listener in self._listeners:
                 listener()

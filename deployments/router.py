@@ -579,9 +579,14 @@ class Router:
                     observer=metrics.RequestMetrics(route, session_id=session_id),
                 )
             )
+        starts = [asyncio.ensure_future(g.start()) for g in generations]
         try:
-            await asyncio.gather(*(g.start() for g in generations))
+            await asyncio.gather(*starts)
         except BaseException:
+            # One failed (or the client left): stop the siblings too, and wait until they have let go.
+            for start in starts:
+                start.cancel()
+            await asyncio.gather(*starts, return_exceptions=True)
             for generation in generations:
                 generation.close()
             raise

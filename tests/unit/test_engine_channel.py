@@ -223,3 +223,67 @@ def test_a_stopping_replica_lets_running_streams_finish(model_dir: Path) -> None
         connection.close("done")
 
     run(lambda: _serve_emulator(model_dir, body))
+
+
+def test_a_stream_frees_its_slot_when_the_engine_finishes_even_if_nobody_reads_it(
+    model_dir: Path,
+) -> None:
+    async def body(executor: EmulatorExecutor, server: ChannelServer, address: str) -> None:
+        connection = ChannelConnection(address)
+        await connection.connect(timeout_s=5)
+        released: list[int] = []
+        connection.open(request("unread", max_tokens=3), lambda: released.append(1))
+        for _ in range(200):
+            if released:
+                break
+            await asyncio.sleep(0.01)
+        assert released == [1] and connection.num_open_streams == 0
+        connection.close("test over")
+
+    run(lambda: _serve_emulator(model_dir, body))
+
+
+def test_cancel_wakes_a_reader_that_is_still_waiting() -> None:
+    async def silent(request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        await asyncio.Event().wait()  # never yields: a prefill that takes forever
+        yield TokenDelta([])  # pragma: no cover
+
+    async def body() -> None:
+        server = ChannelServer(silent)
+        connection = ChannelConnection(await server.start("127.0.0.1"))
+        await connection.connect(timeout_s=5)
+        released: list[int] = []
+        stream = connection.open(request("r"), lambda: released.append(1))
+        reader = asyncio.create_task(stream.__anext__())
+        await asyncio.sleep(0.05)
+        stream.cancel()
+        with pytest.raises(EngineError, match="cancelled"):
+            await asyncio.wait_for(reader, 5)
+        assert released == [1]
+        for _ in range(200):
+            if server.num_active_streams == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.num_active_streams == 0  # the cancel frame reached the engine's generator
+        connection.close("done")
+        await server.close(drain_timeout_s=0)
+
+    run(body)
+
+
+def test_a_stopping_replica_refuses_new_streams_with_engine_dead(model_dir: Path) -> None:
+    async def body(executor: EmulatorExecutor, server: ChannelServer, address: str) -> None:
+        connection = ChannelConnection(address)
+        await connection.connect(timeout_s=5)
+        running = connection.open(request("running", max_tokens=100), lambda: None)
+        await running.__anext__()
+        closing = asyncio.create_task(server.close(drain_timeout_s=10))
+        await asyncio.sleep(0.05)
+        late = connection.open(request("late"), lambda: None)
+        with pytest.raises(EngineDead) as refused:
+            await late.__anext__()
+        assert refused.value.code == "replica_stopping"
+        assert (await read_all(running))[-1].finish_reason is FinishReason.LENGTH
+        await closing
+
+    run(lambda: _serve_emulator(model_dir, body))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ import pytest
 
 from deployments.engine_channel import ChannelServer
 from deployments.engine_client import EngineClient
-from deployments.errors import OverloadedError
+from deployments.errors import EngineDead, OverloadedError
 from deployments.messages import FinishReason, GenerateRequest, TokenDelta
 from deployments.replica_directory import CHANNEL_METADATA_KEY, replica_directory
 from deployments.routing import RoutingPolicy
@@ -199,7 +200,7 @@ def test_an_unreachable_replica_is_skipped_and_with_none_left_serves_path_takes_
     run(body)
 
 
-def test_a_replica_serve_removes_finishes_its_stream_and_takes_no_new_request() -> None:
+def test_a_replica_serve_removes_finishes_its_streams_then_its_connection_closes() -> None:
     async def body() -> None:
         engines, _, addresses = await start_replicas(2)
         engines[1].gate.set()
@@ -214,8 +215,107 @@ def test_a_replica_serve_removes_finishes_its_stream_and_takes_no_new_request() 
         for i in range(3):
             await finish(await client.open(request(f"after-{i}")))
         assert not any(rid.startswith("after") for rid in engines[0].request_ids)
+        retired = next(r for r in client._retired if r.replica_id == "a")
+        assert retired.connection is not None and not retired.connection.is_closed
         engines[0].gate.set()
         for stream in on_a:
             assert (await finish(stream))[-1].finish_reason is FinishReason.LENGTH
+        assert retired.connection.is_closed and not client._retired
+
+    run(body)
+
+
+def test_a_membership_change_from_another_thread_is_applied_on_the_clients_loop() -> None:
+    async def body() -> None:
+        _, _, addresses = await start_replicas(2)
+        replicas = [running_replica("a", addresses[0]), running_replica("b", addresses[1])]
+        client, _, directory = client_for(replicas[:1])
+        applied_on: list[int] = []
+        sync = client._sync_replicas
+
+        def recording_sync() -> None:
+            applied_on.append(threading.get_ident())
+            sync()
+
+        client._sync_replicas = recording_sync  # type: ignore[method-assign]
+        await asyncio.to_thread(directory.update, replicas, RoutingPolicy())
+        for _ in range(100):
+            if applied_on:
+                break
+            await asyncio.sleep(0.01)
+        assert applied_on == [threading.get_ident()]
+        assert client.stats()["num_direct_replicas"] == 2
+
+    run(body)
+
+
+def test_waiting_requests_are_served_in_arrival_order() -> None:
+    async def body() -> None:
+        engines, _, addresses = await start_replicas(1)
+        client, _, _ = client_for([running_replica("a", addresses[0], max_ongoing=1)])
+        first = await client.open(request("first"))
+        queued = []
+        for name in ("A", "B", "C"):
+            queued.append(asyncio.create_task(client.open(request(name))))
+            await asyncio.sleep(0.01)
+        engines[0].gate.set()
+        await finish(first)
+        for task in queued:
+            await finish(await asyncio.wait_for(task, 5))
+        assert engines[0].request_ids == ["first", "A", "B", "C"]
+
+    run(body)
+
+
+def test_a_request_cancelled_before_its_first_token_frees_its_slot() -> None:
+    async def body() -> None:
+        engines, _, addresses = await start_replicas(1)
+        client, _, _ = client_for([running_replica("a", addresses[0], max_ongoing=1)])
+        starting = await client.open(request("gave-up"))
+        starting.cancel()  # as Generation.close() does when the client leaves during prefill
+        engines[0].gate.set()
+        await finish(await asyncio.wait_for(client.open(request("next")), 5))
+        assert engines[0].request_ids[-1] == "next"
+
+    run(body)
+
+
+def test_a_request_cancelled_while_connecting_frees_its_slot() -> None:
+    async def body() -> None:
+        engines, _, addresses = await start_replicas(1)
+        engines[0].gate.set()
+        client, _, _ = client_for([running_replica("a", addresses[0], max_ongoing=1)])
+        connecting = asyncio.create_task(client.open(request("gave-up")))
+        await asyncio.sleep(0)  # admitted, now awaiting the connection
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+        await finish(await asyncio.wait_for(client.open(request("next")), 5))
+        assert engines[0].request_ids == ["next"]
+
+    run(body)
+
+
+def test_requests_queued_behind_a_refused_connection_move_on_instead_of_hanging() -> None:
+    async def body() -> None:
+        _, servers, addresses = await start_replicas(1)
+        await servers[0].close(drain_timeout_s=0)
+        client, handle, _ = client_for([running_replica("a", addresses[0], max_ongoing=1)])
+        names = ["admitted", "queued-1", "queued-2"]
+        await asyncio.wait_for(asyncio.gather(*(client.open(request(n)) for n in names)), 5)
+        assert sorted(rid for _, rid in handle.calls) == sorted(names)
+
+    run(body)
+
+
+def test_streams_on_a_replica_whose_actor_died_fail_at_once() -> None:
+    async def body() -> None:
+        _, _, addresses = await start_replicas(1)
+        client, _, directory = client_for([running_replica("a", addresses[0])])
+        stream = await client.open(request("r"))
+        await stream.__anext__()
+        directory.remove("a")  # Serve's on_replica_actor_died
+        with pytest.raises(EngineDead):
+            await asyncio.wait_for(stream.__anext__(), 5)
 
     run(body)
