@@ -210,21 +210,6 @@ def test_a_replica_that_goes_away_mid_stream_fails_its_streams_with_engine_dead(
     run(body)
 
 
-def test_a_stopping_replica_lets_running_streams_finish(model_dir: Path) -> None:
-    async def body(executor: EmulatorExecutor, server: ChannelServer, address: str) -> None:
-        connection = ChannelConnection(address)
-        await connection.connect(timeout_s=5)
-        stream = connection.open(request("r", max_tokens=50), lambda: None)
-        await stream.__anext__()
-        closing = asyncio.create_task(server.close(drain_timeout_s=10))
-        rest = await read_all(stream)
-        await closing
-        assert rest[-1].finish_reason is FinishReason.LENGTH
-        connection.close("done")
-
-    run(lambda: _serve_emulator(model_dir, body))
-
-
 def test_a_stream_frees_its_slot_when_the_engine_finishes_even_if_nobody_reads_it(
     model_dir: Path,
 ) -> None:
@@ -271,7 +256,9 @@ def test_cancel_wakes_a_reader_that_is_still_waiting() -> None:
     run(body)
 
 
-def test_a_stopping_replica_refuses_new_streams_with_engine_dead(model_dir: Path) -> None:
+def test_a_stopping_replica_lets_running_streams_finish_and_refuses_new_ones(
+    model_dir: Path,
+) -> None:
     async def body(executor: EmulatorExecutor, server: ChannelServer, address: str) -> None:
         connection = ChannelConnection(address)
         await connection.connect(timeout_s=5)
