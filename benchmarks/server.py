@@ -130,6 +130,9 @@ def serve_app(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # A benchmark started in the background inherits an ignored SIGINT, and so would `serve run`,
+            # which then never shuts down on the SIGINT below and is killed 20 s later.
+            preexec_fn=_default_sigint,
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -145,6 +148,10 @@ def serve_app(
         while not port_is_free(port) and time.monotonic() - stopping_since < 60:
             time.sleep(0.5)
         print(f"serve run stopped in {time.monotonic() - stopping_since:.1f} s", flush=True)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:

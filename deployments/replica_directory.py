@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ if TYPE_CHECKING:
 
     from deployments.routing import RoutingPolicy
 
+logger = logging.getLogger(__name__)
 CHANNEL_METADATA_KEY = "engine_channel"
 
 
@@ -39,15 +41,20 @@ class ReplicaDirectory:
     def update(self, replicas: Iterable[RunningReplica], policy: RoutingPolicy) -> None:
         self.replicas = {replica.replica_id.unique_id: replica for replica in replicas}
         self.policy = policy
-        for listener in self._listeners:
-            listener()
+        self._notify()
 
     def remove(self, replica_id: str) -> None:
         """Serve saw the replica's actor die."""
         self.died.add(replica_id)
         if self.replicas.pop(replica_id, None) is not None:
-            for listener in self._listeners:
+            self._notify()
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            try:
                 listener()
+            except Exception:  # never into Serve's request router, which called us
+                logger.exception("a replica directory listener failed")
 
 
 _DIRECTORIES: dict[tuple[str, str], ReplicaDirectory] = {}

@@ -127,6 +127,9 @@ def serve_run(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # pytest run in the background ignores SIGINT, and `serve run` would inherit that and never
+            # stop on the SIGINT of the teardown below.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

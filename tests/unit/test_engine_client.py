@@ -319,3 +319,18 @@ def test_streams_on_a_replica_whose_actor_died_fail_at_once() -> None:
             await asyncio.wait_for(stream.__anext__(), 5)
 
     run(body)
+
+
+def test_a_failing_listener_neither_reaches_serve_nor_stops_the_others() -> None:
+    directory = replica_directory(f"app-{next(_apps)}", "Engine")
+    heard: list[str] = []
+
+    def failing() -> None:
+        raise RuntimeError("listener bug")
+
+    directory.subscribe(failing)
+    directory.subscribe(lambda: heard.append("second"))
+    directory.update(
+        [running_replica("a", "127.0.0.1:1")], RoutingPolicy()
+    )  # as Serve's hook calls it
+    assert heard == ["second"] and list(directory.replicas) == ["a"]
