@@ -21,7 +21,7 @@ from deployments.engine_channel import ChannelConnection
 from deployments.errors import OverloadedError
 from deployments.messages import GenerateRequest
 from deployments.replica_directory import ReplicaDirectory, replica_directory
-from deployments.routing import ReplicaLoad
+from deployments.routing import ReplicaLoad, reported_num_requests
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +66,7 @@ class _Replica:
         return int(self.running.max_ongoing_requests)
 
     def reported_load(self) -> int:
-        """The replica's own last count (every router's requests), from Serve's routing stats."""
-        stats = self.running.routing_stats
-        counts = [stats.get("num_active_requests"), stats.get("num_queued_requests")]
-        return sum(count for count in counts if isinstance(count, int))
+        return reported_num_requests(self.running.routing_stats)
 
 
 class EngineClient:

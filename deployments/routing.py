@@ -20,7 +20,7 @@ import random
 import struct
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -271,6 +271,12 @@ def _request_keys(pending_request: PendingRequest | None) -> tuple[str | None, S
     )
 
 
+def reported_num_requests(routing_stats: Mapping[str, Any]) -> int:
+    """An Engine replica's own last count of its requests (every router's), from `Engine.record_routing_stats`."""
+    counts = [routing_stats.get("num_active_requests"), routing_stats.get("num_queued_requests")]
+    return sum(count for count in counts if isinstance(count, int))
+
+
 class SessionAffinityRouter(RequestRouter):
     """Serve's hooks around `RoutingPolicy`; replicas are keyed by `replica_id.unique_id`.
 
@@ -375,9 +381,7 @@ class SessionAffinityRouter(RequestRouter):
         cached = self.replica_queue_len_cache.get(replica.replica_id)
         if cached is not None:
             return int(cached)
-        stats = replica.routing_stats
-        counts = [stats.get("num_active_requests"), stats.get("num_queued_requests")]
-        return sum(count for count in counts if isinstance(count, int))
+        return reported_num_requests(replica.routing_stats)
 
 
 _DEFAULTS = RoutingConfig()

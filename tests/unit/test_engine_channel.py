@@ -53,6 +53,12 @@ async def read_all(stream: AsyncIterator[TokenDelta]) -> list[TokenDelta]:
     return deltas
 
 
+async def connected(address: str) -> ChannelConnection:
+    connection = ChannelConnection(address)
+    await connection.connect(timeout_s=5)
+    return connection
+
+
 def ids(deltas: list[TokenDelta]) -> list[int]:
     return [token_id for delta in deltas for token_id in delta.token_ids]
 
@@ -91,8 +97,7 @@ async def _serve_emulator(
 def test_the_router_reads_what_the_executor_yields_in_process(model_dir: Path) -> None:
     async def body(executor: EmulatorExecutor, server: ChannelServer, address: str) -> None:
         in_process = await read_all(executor.generate(request("local", max_tokens=12)))
-        connection = ChannelConnection(address)
-        await connection.connect(timeout_s=5)
+        connection = await connected(address)
         released = []
         streams = [
             connection.open(request(f"remote-{i}", max_tokens=12), lambda: released.append(1))
@@ -112,8 +117,7 @@ def test_the_router_reads_what_the_executor_yields_in_process(model_dir: Path) -
 
 def test_cancel_reaches_the_executor_and_frees_its_slot(model_dir: Path) -> None:
     async def body(executor: EmulatorExecutor, server: ChannelServer, address: str) -> None:
-        connection = ChannelConnection(address)
-        await connection.connect(timeout_s=5)
+        connection = await connected(address)
         stream = connection.open(request("long", max_tokens=100_000), lambda: None)
         first = await stream.__anext__()
         assert first.token_ids and not first.is_final
@@ -134,8 +138,7 @@ def test_cancel_reaches_the_executor_and_frees_its_slot(model_dir: Path) -> None
 
 def test_closing_the_connection_cancels_every_stream_on_it(model_dir: Path) -> None:
     async def body(executor: EmulatorExecutor, server: ChannelServer, address: str) -> None:
-        connection = ChannelConnection(address)
-        await connection.connect(timeout_s=5)
+        connection = await connected(address)
         streams = [
             connection.open(request(f"r{i}", max_tokens=100_000), lambda: None) for i in range(2)
         ]
@@ -157,8 +160,7 @@ def test_an_engine_error_keeps_its_class_message_and_field() -> None:
 
     async def body() -> None:
         server = ChannelServer(failing)
-        connection = ChannelConnection(await server.start("127.0.0.1"))
-        await connection.connect(timeout_s=5)
+        connection = await connected(await server.start("127.0.0.1"))
         stream = connection.open(request("r"), lambda: None)
         assert (await stream.__anext__()).token_ids == [1]
         with pytest.raises(ContextLengthExceeded) as caught:
@@ -178,8 +180,7 @@ def test_an_unexpected_engine_exception_becomes_an_engine_error() -> None:
 
     async def body() -> None:
         server = ChannelServer(broken)
-        connection = ChannelConnection(await server.start("127.0.0.1"))
-        await connection.connect(timeout_s=5)
+        connection = await connected(await server.start("127.0.0.1"))
         with pytest.raises(EngineError, match="RuntimeError: kaboom"):
             await connection.open(request("r"), lambda: None).__anext__()
         connection.close("done")
@@ -195,8 +196,7 @@ def test_a_replica_that_goes_away_mid_stream_fails_its_streams_with_engine_dead(
         executor = EmulatorExecutor(STEPPING, str(model_dir))
         await executor.start()
         server = ChannelServer(executor.generate)
-        connection = ChannelConnection(await server.start("127.0.0.1"))
-        await connection.connect(timeout_s=5)
+        connection = await connected(await server.start("127.0.0.1"))
         released = []
         stream = connection.open(request("r", max_tokens=100_000), lambda: released.append(1))
         await stream.__anext__()
@@ -214,8 +214,7 @@ def test_a_stream_frees_its_slot_when_the_engine_finishes_even_if_nobody_reads_i
     model_dir: Path,
 ) -> None:
     async def body(executor: EmulatorExecutor, server: ChannelServer, address: str) -> None:
-        connection = ChannelConnection(address)
-        await connection.connect(timeout_s=5)
+        connection = await connected(address)
         released: list[int] = []
         connection.open(request("unread", max_tokens=3), lambda: released.append(1))
         for _ in range(200):
@@ -235,8 +234,7 @@ def test_cancel_wakes_a_reader_that_is_still_waiting() -> None:
 
     async def body() -> None:
         server = ChannelServer(silent)
-        connection = ChannelConnection(await server.start("127.0.0.1"))
-        await connection.connect(timeout_s=5)
+        connection = await connected(await server.start("127.0.0.1"))
         released: list[int] = []
         stream = connection.open(request("r"), lambda: released.append(1))
         reader = asyncio.create_task(stream.__anext__())
@@ -260,8 +258,7 @@ def test_a_stopping_replica_lets_running_streams_finish_and_refuses_new_ones(
     model_dir: Path,
 ) -> None:
     async def body(executor: EmulatorExecutor, server: ChannelServer, address: str) -> None:
-        connection = ChannelConnection(address)
-        await connection.connect(timeout_s=5)
+        connection = await connected(address)
         running = connection.open(request("running", max_tokens=100), lambda: None)
         await running.__anext__()
         closing = asyncio.create_task(server.close(drain_timeout_s=10))
