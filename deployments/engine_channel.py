@@ -149,9 +149,8 @@ class ChannelServer:
     async def close(self, drain_timeout_s: float) -> None:
         """Stops accepting, lets running streams finish for up to `drain_timeout_s`, then closes every
         connection: routers fail what is left with EngineDead instead of waiting."""
-        self._is_closing = (
-            True  # routers that have not heard of the stop yet get an error, not a cut stream
-        )
+        # Routers that have not heard of the stop yet get an error, not a cut stream.
+        self._is_closing = True
         if self._server is not None:
             self._server.close()
         if self._tasks:
@@ -159,9 +158,8 @@ class ChannelServer:
         left = list(self._tasks)
         for task in left:
             task.cancel()
-        await asyncio.gather(
-            *left, return_exceptions=True
-        )  # their generators close: the executor cancels
+        # Their generators close, so the executor cancels their requests before it shuts down.
+        await asyncio.gather(*left, return_exceptions=True)
         for writer in list(self._writers):
             writer.close()
 
@@ -204,13 +202,18 @@ class ChannelServer:
         self.num_streams_served += 1
         try:
             deltas = self._generate(request_from_wire(wire))
-            async with aclosing(
-                deltas
-            ):  # a cancel frame closes the generator: the executor cancels
+            # A cancel frame cancels this task, which closes the generator: the executor cancels.
+            async with aclosing(deltas):
                 async for delta in deltas:
                     finish = None if delta.finish_reason is None else delta.finish_reason.value
-                    frame = ["d", seq, delta.token_ids, finish, delta.logprobs]
-                    frame.append(delta.num_prompt_tokens)
+                    frame = [
+                        "d",
+                        seq,
+                        delta.token_ids,
+                        finish,
+                        delta.logprobs,
+                        delta.num_prompt_tokens,
+                    ]
                     if not outbox.send(frame):
                         return
                     if outbox.is_backed_up:

@@ -155,9 +155,8 @@ class EngineClient:
                         )
                     ticket = _Ticket()
                     self._queue.append(ticket)
-                elif (
-                    ticket.future.done()
-                ):  # woken, but the room went elsewhere: wait again, same place
+                elif ticket.future.done():
+                    # Woken, but the room went elsewhere: wait again, in the same place in line.
                     ticket.future = asyncio.get_running_loop().create_future()
                 await ticket.future
         except asyncio.CancelledError:
