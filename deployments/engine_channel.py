@@ -10,8 +10,11 @@ scheduler, are split the same way (over ZMQ there).
 Frames are a 4-byte big-endian length, then a JSON array:
   router -> engine   ["g", seq, request]   start a GenerateRequest (`request_to_wire`)
                      ["c", seq]            cancel it (the router's client went away, or a stop string)
+                     ["q", seq, name]      ask a read-only question (the Engine replica asks its engine
+                                           core process for stats and health: `engine_core.py`)
   engine -> router   ["d", seq, token_ids, finish_reason, logprobs, num_prompt_tokens]
                      ["e", seq, error_class, message, param, code]
+                     ["r", seq, answer]    the answer to a question
 JSON, not pickle: whoever reaches the port can start a generation, never run code (the same network
 trust as Ray's own ports; the socket binds the node's Ray address, not every interface).
 """
@@ -23,7 +26,7 @@ import json
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -126,10 +129,15 @@ class ChannelServer:
     """The Engine replica's end: runs `generate` for each stream a router opens and sends its deltas back.
 
     A stream ends with its final delta, an error frame, a cancel frame, or the connection closing (which
-    cancels every stream of that router)."""
+    cancels every stream of that router). `queries` answer ["q"] frames: JSON-able, read-only."""
 
-    def __init__(self, generate: Callable[[GenerateRequest], AsyncIterator[TokenDelta]]) -> None:
+    def __init__(
+        self,
+        generate: Callable[[GenerateRequest], AsyncIterator[TokenDelta]],
+        queries: Mapping[str, Callable[[], Awaitable[Any]]] | None = None,
+    ) -> None:
         self._generate = generate
+        self._queries = dict(queries or {})
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -188,6 +196,10 @@ class ChannelServer:
                     task.add_done_callback(lambda _, seq=seq: streams.pop(seq, None))
                 elif kind == "c" and (task := streams.pop(seq, None)) is not None:
                     task.cancel()
+                elif kind == "q":
+                    task = asyncio.create_task(self._answer(seq, frame[2], outbox))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
         except (asyncio.IncompleteReadError, OSError):
             pass  # the router closed the connection (or its process ended)
         except Exception:
@@ -224,6 +236,17 @@ class ChannelServer:
             if not isinstance(error, errors.ServingError):
                 logger.exception("engine stream %s failed", seq)
                 error = errors.EngineError(f"the engine failed: {type(error).__name__}: {error}")
+            outbox.send(_error_frame(seq, error))
+
+    async def _answer(self, seq: int, name: Any, outbox: _Outbox) -> None:
+        query = self._queries.get(name) if isinstance(name, str) else None
+        try:
+            if query is None:
+                raise errors.RequestError(f"unknown query {name!r}", param="name")
+            outbox.send(["r", seq, await query()])
+        except Exception as error:
+            if not isinstance(error, errors.ServingError):
+                error = errors.EngineError(f"{type(error).__name__}: {error}")
             outbox.send(_error_frame(seq, error))
 
 
@@ -336,6 +359,7 @@ class ChannelConnection:
         self._outbox: _Outbox | None = None
         self._read_task: asyncio.Task[None] | None = None
         self._streams: dict[int, ChannelStream] = {}
+        self._answers: dict[int, asyncio.Future[Any]] = {}
         self._next_seq = 0
         self.is_closed = False
 
@@ -363,6 +387,20 @@ class ChannelConnection:
         self._outbox.send_encoded(data)
         return stream
 
+    async def query(self, name: str, timeout_s: float) -> Any:
+        """Asks the engine end one of its `queries`; its error (or EngineDead on a lost connection) is raised."""
+        if self.is_closed or self._outbox is None:
+            raise errors.EngineDead("the engine replica's channel is closed")
+        seq = self._next_seq
+        self._next_seq += 1
+        answer = asyncio.get_running_loop().create_future()
+        self._answers[seq] = answer
+        self._outbox.send(["q", seq, name])
+        try:
+            return await asyncio.wait_for(answer, timeout_s)
+        finally:
+            self._answers.pop(seq, None)
+
     def send_cancel(self, seq: int) -> None:
         if not self.is_closed and self._outbox is not None:
             self._outbox.send(["c", seq])
@@ -377,6 +415,9 @@ class ChannelConnection:
         for stream in list(self._streams.values()):
             stream.end(errors.EngineDead(f"the engine replica became unavailable: {reason}"))
         self._streams.clear()
+        for answer in self._answers.values():
+            if not answer.done():
+                answer.set_exception(errors.EngineDead(f"the engine channel closed: {reason}"))
         if self._writer is not None:
             self._writer.close()
         if self._read_task is not None and self._read_task is not asyncio.current_task():
@@ -388,6 +429,14 @@ class ChannelConnection:
         try:
             while True:
                 frame = await read_frame(self._reader)
+                if (answer := self._answers.get(frame[1])) is not None:
+                    if answer.done():
+                        continue  # its asker timed out
+                    if frame[0] == "r":
+                        answer.set_result(frame[2])
+                    else:
+                        answer.set_exception(error_from_wire(frame))
+                    continue
                 stream = self._streams.get(frame[1])
                 if stream is None:
                     continue  # a stream cancelled here; the engine's last frames crossed the cancel
