@@ -139,7 +139,8 @@ class ChannelServer:
         self._generate = generate
         self._queries = dict(queries or {})
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # one per stream
+        self._answering: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._is_closing = False
         self.num_streams_served = 0
@@ -163,7 +164,7 @@ class ChannelServer:
             self._server.close()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=drain_timeout_s)
-        left = list(self._tasks)
+        left = [*self._tasks, *self._answering]
         for task in left:
             task.cancel()
         # Their generators close, so the executor cancels their requests before it shuts down.
@@ -197,9 +198,9 @@ class ChannelServer:
                 elif kind == "c" and (task := streams.pop(seq, None)) is not None:
                     task.cancel()
                 elif kind == "q":
-                    task = asyncio.create_task(self._answer(seq, frame[2], outbox))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    answering = asyncio.create_task(self._answer(seq, frame[2], outbox))
+                    self._answering.add(answering)
+                    answering.add_done_callback(self._answering.discard)
         except (asyncio.IncompleteReadError, OSError):
             pass  # the router closed the connection (or its process ended)
         except Exception:

@@ -8,11 +8,11 @@ Python, so every millisecond they hold the GIL is a millisecond of decoding lost
 R4). vLLM V1 splits its API server and engine core the same way.
 
 `python -m deployments.engine_core` is the child's entry point. Its contract with the parent:
-  argv[1]    a JSON spec: {"config": EngineConfig, "model_dir", "replica_id", "channel_host", "ready_fd"}
+  stdin      first line: a JSON spec {"config": EngineConfig, "model_dir", "replica_id", "channel_host",
+             "ready_fd"}; then "drain <seconds>": finish running streams for up to that long, refusing new
+             ones, and exit; end of file instead: the parent died, so stop at once and free the accelerator
   ready_fd   the child writes one JSON line there once serving: {"address", "capabilities"}; a child that
              fails to start just exits, closing it
-  stdin      "drain <seconds>\\n": finish running streams for up to that long, refusing new ones, then exit;
-             end of file without it: the parent died, so stop at once and free the accelerator
 """
 
 from __future__ import annotations
@@ -146,7 +146,11 @@ class EngineCore:
 
 
 # ---- the child process ----------------------------------------------------------------------------------
-async def _serve(spec: dict[str, Any]) -> None:
+async def _serve() -> None:
+    stdin = asyncio.StreamReader(limit=64 << 20)
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    spec = json.loads(await stdin.readline())
     config = EngineConfig.model_validate(spec["config"])
     core = EngineCore(config, spec["model_dir"], spec["replica_id"])
     await core.start(spec["channel_host"])
@@ -155,9 +159,6 @@ async def _serve(spec: dict[str, Any]) -> None:
             json.dumps({"address": core.channel_address, "capabilities": asdict(core.capabilities)})
             + "\n"
         )
-    loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     command = (await stdin.readline()).decode().split()
     drain_timeout_s = 0.0
     if command[:1] == [DRAIN_COMMAND]:
@@ -171,9 +172,8 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(name)s: %(message)s"
     )
-    spec = json.loads(sys.argv[1])
     try:
-        asyncio.run(_serve(spec))
+        asyncio.run(_serve())
     except Exception:
         logger.exception("the engine core failed")
         sys.exit(1)

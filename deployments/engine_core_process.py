@@ -71,13 +71,14 @@ class EngineCoreProcess:
                 sys.executable,
                 "-m",
                 "deployments.engine_core",
-                json.dumps(spec),
                 stdin=asyncio.subprocess.PIPE,
                 env=env,
                 pass_fds=(write_fd,),
             )
         finally:
             os.close(write_fd)
+        assert self._process.stdin is not None
+        self._process.stdin.write(json.dumps(spec).encode() + b"\n")
         ready = await asyncio.to_thread(_read_line, read_fd)
         if not ready:
             code = await self._process.wait()
