@@ -31,7 +31,7 @@ def app_args(config: str | Path, repo: Path = REPO) -> dict[str, Any]:
 async def in_process_executor(engine: dict[str, Any], model_dir: str) -> AsyncIterator[Any]:
     """The executor a replica would build from `engine` args, started on this process's loop."""
     from deployments.config import EngineConfig
-    from deployments.engine_core import create_executor
+    from deployments.engine import create_executor
 
     executor = create_executor(EngineConfig.model_validate(engine), model_dir)
     await executor.start()

@@ -124,12 +124,6 @@ class EngineConfig(_Strict):
         "channel (deployments/engine_channel.py; Serve still places, checks and replaces replicas), or "
         "through Ray Serve's handle path, which adds about 2 ms to TTFT and CPU per streamed item.",
     )
-    executor_process: Literal["replica", "subprocess"] = Field(
-        default="replica",
-        description="Where each replica's executor runs: in the replica process, or in a child process "
-        "(the engine core) that routers stream from directly, so the executor's thread does not share a "
-        "GIL with Serve's event loop and Ray's core worker (deployments/engine_core.py).",
-    )
     health_check_period_s: float = Field(
         default=10.0, gt=0, description="Serve health-check period."
     )

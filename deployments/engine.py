@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import ray
@@ -11,8 +13,8 @@ from ray import serve
 
 from deployments import metrics
 from deployments.config import EngineConfig
-from deployments.engine_core import EngineCore
-from deployments.engine_core_process import EngineCoreProcess
+from deployments.engine_channel import ChannelServer
+from deployments.executors.base import Executor
 from deployments.messages import EngineCapabilities, ExecutorStats, GenerateRequest, TokenDelta
 from deployments.placement import engine_deployment_options
 from deployments.replica_directory import CHANNEL_METADATA_KEY
@@ -20,80 +22,118 @@ from deployments.routing import engine_request_router_config
 
 logger = logging.getLogger(__name__)
 
+_NUM_RECENT_REQUESTS = 64
 # How long a stopping replica lets its routers' direct streams finish (Serve drains only its own requests,
 # and stops waiting for `__del__` after its graceful shutdown timeout, 20 s by default).
 _CHANNEL_DRAIN_TIMEOUT_S = 15.0
 
 
-class Engine:
-    """Serve's side of one engine core (`engine_core.py`): placement, health, routing stats, metrics, and
-    `generate` on Serve's handle path. The core runs in this replica or, with
-    `engine.executor_process: subprocess`, in a child process whose executor thread then has a GIL of its own.
+def create_executor(config: EngineConfig, model_dir: str) -> Executor:
+    """The one place that maps `engine.kind` to a backend (imports stay lazy: each pulls heavy libraries)."""
+    if config.kind == "transformers":
+        from deployments.executors.hf import TransformersExecutor
 
-    With `engine.transport: direct` routers stream from the core's channel (`engine_channel.py`), whose
-    address Serve hands to them as replica metadata; Serve's handle path stays open for every method,
-    `generate` included.
+        settings = config.transformers
+        if settings.device == "auto" and config.num_gpus_per_replica == 0:
+            # Ray leaves CUDA_VISIBLE_DEVICES alone for a replica that reserved no GPU: don't take one anyway.
+            settings = settings.model_copy(update={"device": "cpu"})
+        return TransformersExecutor(model_dir, settings)
+    if config.kind == "trtllm":
+        from deployments.executors.trtllm import TrtllmExecutor
+
+        engine_dir = config.trtllm.engine_dir or model_dir
+        return TrtllmExecutor(config.trtllm.model_copy(update={"engine_dir": engine_dir}))
+    if config.kind == "emulator":
+        from deployments.executors.emulator import EmulatorExecutor
+
+        return EmulatorExecutor(config.emulator, model_dir)
+    raise ValueError(f"unknown engine kind {config.kind!r}")
+
+
+class Engine:
+    """Owns one Executor. `generate` forwards what the executor has ready, with no batching timer: while
+    the stream is busy the executor's collector merges deltas, so items get larger under load, and after
+    the first token it waits for `stream_interval_tokens` tokens (a count; `executors/base.py`).
+
+    With `engine.transport: direct` routers reach `generate` over this replica's channel
+    (`engine_channel.py`), whose address Serve hands to them as replica metadata; Serve's handle path
+    stays open for every method, `generate` included.
     """
 
     async def __init__(self, config: EngineConfig, model_dir: str) -> None:
-        self._core: EngineCore | EngineCoreProcess | None = (
-            None  # first: `__del__` runs even if the rest fails
-        )
+        self._channel: ChannelServer | None = None  # first: `__del__` runs even if the rest fails
+        self._channel_address: str | None = None
+        self._stream_interval_tokens = config.stream_interval_tokens
+        self._executor = create_executor(config, model_dir)
+        await self._executor.start()
         self._replica_id = serve.get_replica_context().replica_id.unique_id
-        core_class = EngineCoreProcess if config.executor_process == "subprocess" else EngineCore
-        core = core_class(config, model_dir, self._replica_id)
-        self._core = core
-        channel_host = ray.util.get_node_ip_address() if config.transport == "direct" else None
-        await core.start(channel_host)
+        # What this replica was asked recently: lets operators and tests see prefix reuse and session routing.
+        self._recent: deque[dict[str, Any]] = deque(maxlen=_NUM_RECENT_REQUESTS)
         engine_metrics = metrics.EngineMetrics()
-
-        async def update_metrics() -> None:
-            engine_metrics.update(await core.stats())
-
-        self._metrics_task = metrics.start_polling(update_metrics)
+        self._metrics_task = metrics.start_polling(
+            lambda: engine_metrics.update(self._executor.stats())
+        )
+        if config.transport == "direct":
+            self._channel = ChannelServer(self.generate)
+            self._channel_address = await self._channel.start(ray.util.get_node_ip_address())
 
     def record_replica_metadata(self) -> dict[str, Any]:
         """Serve's static per-replica metadata, read by every router of this deployment (routing.py)."""
-        address = None if self._core is None else self._core.channel_address
-        if address is None:
+        if self._channel_address is None:
             return {}
-        return {CHANNEL_METADATA_KEY: address}
+        return {CHANNEL_METADATA_KEY: self._channel_address}
 
-    async def channel_stats(self) -> dict[str, Any]:
-        return await self._require_core().channel_stats()
+    def channel_stats(self) -> dict[str, Any]:
+        channel = self._channel
+        return {
+            "address": self._channel_address,
+            "num_streams_served": 0 if channel is None else channel.num_streams_served,
+            "num_active_streams": 0 if channel is None else channel.num_active_streams,
+        }
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Yields TokenDelta items until one has a finish reason; cancelling the call cancels the request."""
-        async for delta in self._require_core().generate(request):
-            yield delta
+        self._recent.append(
+            {
+                "request_id": request.request_id,
+                "session_id": request.session_id,
+                "prompt_token_ids": request.prompt_token_ids,
+                "replica_id": self._replica_id,
+            }
+        )
+        deltas = self._executor.generate(
+            request, stream_interval_tokens=self._stream_interval_tokens
+        )
+        async with aclosing(deltas):  # Serve closing this generator must reach the executor's
+            async for delta in deltas:
+                yield delta
 
-    async def recent_requests(self) -> list[dict[str, Any]]:
-        return await self._require_core().recent_requests()
+    def recent_requests(self) -> list[dict[str, Any]]:
+        return list(self._recent)
 
     def capabilities(self) -> EngineCapabilities:
-        return self._require_core().capabilities
+        return self._executor.capabilities
 
-    async def stats(self) -> ExecutorStats:
-        return await self._require_core().stats()
+    def stats(self) -> ExecutorStats:
+        return self._executor.stats()
 
-    async def check_health(self) -> None:
-        await self._require_core().check_health()
+    def check_health(self) -> None:
+        self._executor.check_health()
 
-    async def record_routing_stats(self) -> dict[str, Any]:
+    def record_routing_stats(self) -> dict[str, Any]:
         """Polled by Serve for the request router (deployments.routing)."""
-        stats = await self._require_core().stats()
+        stats = self._executor.stats()
         return {
             "num_active_requests": stats.num_active_requests,
             "num_queued_requests": stats.num_queued_requests,
         }
 
     async def __del__(self) -> None:
-        if self._core is not None:
-            await self._core.close(drain_timeout_s=_CHANNEL_DRAIN_TIMEOUT_S)
-
-    def _require_core(self) -> EngineCore | EngineCoreProcess:
-        assert self._core is not None, "the Engine replica did not start"
-        return self._core
+        if self._channel is not None:
+            await self._channel.close(drain_timeout_s=_CHANNEL_DRAIN_TIMEOUT_S)
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            await executor.shutdown()
 
 
 def engine_deployment(config: EngineConfig, model_dir: str) -> Any:

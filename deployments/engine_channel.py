@@ -10,11 +10,8 @@ scheduler, are split the same way (over ZMQ there).
 Frames are a 4-byte big-endian length, then a JSON array:
   router -> engine   ["g", seq, request]   start a GenerateRequest (`request_to_wire`)
                      ["c", seq]            cancel it (the router's client went away, or a stop string)
-                     ["q", seq, name]      ask a read-only question (the Engine replica asks its engine
-                                           core process for stats and health: `engine_core.py`)
   engine -> router   ["d", seq, token_ids, finish_reason, logprobs, num_prompt_tokens]
                      ["e", seq, error_class, message, param, code]
-                     ["r", seq, answer]    the answer to a question
 JSON, not pickle: whoever reaches the port can start a generation, never run code (the same network
 trust as Ray's own ports; the socket binds the node's Ray address, not every interface).
 """
@@ -26,7 +23,7 @@ import json
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -129,18 +126,12 @@ class ChannelServer:
     """The Engine replica's end: runs `generate` for each stream a router opens and sends its deltas back.
 
     A stream ends with its final delta, an error frame, a cancel frame, or the connection closing (which
-    cancels every stream of that router). `queries` answer ["q"] frames: JSON-able, read-only."""
+    cancels every stream of that router)."""
 
-    def __init__(
-        self,
-        generate: Callable[[GenerateRequest], AsyncIterator[TokenDelta]],
-        queries: Mapping[str, Callable[[], Awaitable[Any]]] | None = None,
-    ) -> None:
+    def __init__(self, generate: Callable[[GenerateRequest], AsyncIterator[TokenDelta]]) -> None:
         self._generate = generate
-        self._queries = dict(queries or {})
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()  # one per stream
-        self._answering: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._is_closing = False
         self.num_streams_served = 0
@@ -164,7 +155,7 @@ class ChannelServer:
             self._server.close()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=drain_timeout_s)
-        left = [*self._tasks, *self._answering]
+        left = list(self._tasks)
         for task in left:
             task.cancel()
         # Their generators close, so the executor cancels their requests before it shuts down.
@@ -197,10 +188,6 @@ class ChannelServer:
                     task.add_done_callback(lambda _, seq=seq: streams.pop(seq, None))
                 elif kind == "c" and (task := streams.pop(seq, None)) is not None:
                     task.cancel()
-                elif kind == "q":
-                    answering = asyncio.create_task(self._answer(seq, frame[2], outbox))
-                    self._answering.add(answering)
-                    answering.add_done_callback(self._answering.discard)
         except (asyncio.IncompleteReadError, OSError):
             pass  # the router closed the connection (or its process ended)
         except Exception:
@@ -237,17 +224,6 @@ class ChannelServer:
             if not isinstance(error, errors.ServingError):
                 logger.exception("engine stream %s failed", seq)
                 error = errors.EngineError(f"the engine failed: {type(error).__name__}: {error}")
-            outbox.send(_error_frame(seq, error))
-
-    async def _answer(self, seq: int, name: Any, outbox: _Outbox) -> None:
-        query = self._queries.get(name) if isinstance(name, str) else None
-        try:
-            if query is None:
-                raise errors.RequestError(f"unknown query {name!r}", param="name")
-            outbox.send(["r", seq, await query()])
-        except Exception as error:
-            if not isinstance(error, errors.ServingError):
-                error = errors.EngineError(f"{type(error).__name__}: {error}")
             outbox.send(_error_frame(seq, error))
 
 
@@ -360,7 +336,6 @@ class ChannelConnection:
         self._outbox: _Outbox | None = None
         self._read_task: asyncio.Task[None] | None = None
         self._streams: dict[int, ChannelStream] = {}
-        self._answers: dict[int, asyncio.Future[Any]] = {}
         self._next_seq = 0
         self.is_closed = False
 
@@ -388,20 +363,6 @@ class ChannelConnection:
         self._outbox.send_encoded(data)
         return stream
 
-    async def query(self, name: str, timeout_s: float) -> Any:
-        """Asks the engine end one of its `queries`; its error (or EngineDead on a lost connection) is raised."""
-        if self.is_closed or self._outbox is None:
-            raise errors.EngineDead("the engine replica's channel is closed")
-        seq = self._next_seq
-        self._next_seq += 1
-        answer = asyncio.get_running_loop().create_future()
-        self._answers[seq] = answer
-        self._outbox.send(["q", seq, name])
-        try:
-            return await asyncio.wait_for(answer, timeout_s)
-        finally:
-            self._answers.pop(seq, None)
-
     def send_cancel(self, seq: int) -> None:
         if not self.is_closed and self._outbox is not None:
             self._outbox.send(["c", seq])
@@ -416,9 +377,6 @@ class ChannelConnection:
         for stream in list(self._streams.values()):
             stream.end(errors.EngineDead(f"the engine replica became unavailable: {reason}"))
         self._streams.clear()
-        for answer in self._answers.values():
-            if not answer.done():
-                answer.set_exception(errors.EngineDead(f"the engine channel closed: {reason}"))
         if self._writer is not None:
             self._writer.close()
         if self._read_task is not None and self._read_task is not asyncio.current_task():
@@ -430,14 +388,6 @@ class ChannelConnection:
         try:
             while True:
                 frame = await read_frame(self._reader)
-                if (answer := self._answers.get(frame[1])) is not None:
-                    if answer.done():
-                        continue  # its asker timed out
-                    if frame[0] == "r":
-                        answer.set_result(frame[2])
-                    else:
-                        answer.set_exception(error_from_wire(frame))
-                    continue
                 stream = self._streams.get(frame[1])
                 if stream is None:
                     continue  # a stream cancelled here; the engine's last frames crossed the cancel

@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -460,18 +460,13 @@ class SessionMetrics:
         TEMPLATE_BREAKS.inc(d("breaks", counters.get("num_template_breaks", 0)))
 
 
-def start_polling(
-    update: Callable[[], Awaitable[None] | None], *, interval_s: float = 1.0
-) -> asyncio.Task[None]:
-    """Calls (and awaits, if a coroutine function) `update()` every `interval_s` on the running loop until the
-    task is cancelled (replica exit)."""
+def start_polling(update: Callable[[], None], *, interval_s: float = 1.0) -> asyncio.Task[None]:
+    """Calls `update()` every `interval_s` on the running loop until the task is cancelled (replica exit)."""
 
     async def poll() -> None:
         while True:
             try:
-                result = update()
-                if result is not None:
-                    await result
+                update()
             except Exception:
                 logger.exception("updating metrics failed")
             await asyncio.sleep(interval_s)

@@ -40,7 +40,7 @@ class FaultyEngine(Engine):
     """The Engine, plus a way to kill its executor from outside (as a crashed engine thread would)."""
 
     async def kill_executor(self) -> None:
-        await self._core.executor.shutdown()
+        await self._executor.shutdown()
 
     def replica_id(self) -> str:
         return str(self._replica_id)

@@ -17,7 +17,7 @@ from deployments.engine_channel import (
     request_from_wire,
     request_to_wire,
 )
-from deployments.errors import ContextLengthExceeded, EngineDead, EngineError, RequestError
+from deployments.errors import ContextLengthExceeded, EngineDead, EngineError
 from deployments.executors.emulator import EmulatorExecutor
 from deployments.messages import (
     FinishReason,
@@ -271,35 +271,3 @@ def test_a_stopping_replica_lets_running_streams_finish_and_refuses_new_ones(
         await closing
 
     run(lambda: _serve_emulator(model_dir, body))
-
-
-def test_a_question_gets_its_answer_an_unknown_one_an_error_and_a_lost_connection_engine_dead() -> (
-    None
-):
-    async def never(request: GenerateRequest) -> AsyncIterator[TokenDelta]:
-        raise AssertionError("no stream is opened here")
-        yield TokenDelta([])  # pragma: no cover - makes this an async generator
-
-    gate = asyncio.Event()
-
-    async def stats() -> dict[str, int]:
-        return {"num_active_requests": 3}
-
-    async def slow() -> None:
-        await gate.wait()
-
-    async def body() -> None:
-        server = ChannelServer(never, queries={"stats": stats, "slow": slow})
-        connection = await connected(await server.start("127.0.0.1"))
-        assert await connection.query("stats", timeout_s=5) == {"num_active_requests": 3}
-        with pytest.raises(RequestError, match="unknown query 'nope'"):
-            await connection.query("nope", timeout_s=5)
-        waiting = asyncio.create_task(connection.query("slow", timeout_s=5))
-        await asyncio.sleep(0.05)
-        connection.close("test over")
-        with pytest.raises(EngineDead, match="test over"):
-            await waiting
-        gate.set()
-        await server.close(drain_timeout_s=1)
-
-    run(body)

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import pytest
 
 from deployments.config import EmulatorConfig, EngineConfig
-from deployments.engine_core import create_executor
+from deployments.engine import create_executor
 from deployments.errors import EngineDead
 from deployments.executors.emulator import EmulatorExecutor, read_vocab_size, visible_token_ids
 from deployments.messages import FinishReason, GenerateRequest, TokenDelta
