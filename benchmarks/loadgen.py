@@ -129,6 +129,7 @@ class OpenAIBackend:
         send_token_ids: bool = True,
         include_usage: bool = True,
         extra_body: dict[str, Any] | None = None,
+        api_key: str | None = None,
         timeout_s: float = 600,
     ) -> None:
         import aiohttp
@@ -145,6 +146,7 @@ class OpenAIBackend:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=False),
             timeout=aiohttp.ClientTimeout(total=timeout_s),
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
         )
 
     def body(
@@ -490,6 +492,7 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
         endpoint=args.endpoint,
         max_tokens=args.output_len,
         include_usage=not args.no_usage,
+        api_key=args.api_key,
     )
     levels = []
     try:
@@ -529,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--base-url", default="http://127.0.0.1:8101")
     parser.add_argument("--model", default="shepherd-tiny")
+    parser.add_argument("--api-key", help="sent as a bearer token (router.api_keys)")
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     parser.add_argument(
         "--tokenizer", help="a directory with tokenizer.json: exact-length random prompts"
