@@ -17,7 +17,7 @@ from deployments.engine_channel import ChannelServer
 from deployments.executors.base import Executor
 from deployments.messages import EngineCapabilities, ExecutorStats, GenerateRequest, TokenDelta
 from deployments.placement import engine_deployment_options
-from deployments.replica_directory import CHANNEL_METADATA_KEY
+from deployments.replica_directory import channel_metadata
 from deployments.routing import engine_request_router_config
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Engine:
         """Serve's static per-replica metadata, read by every router of this deployment (routing.py)."""
         if self._channel_address is None:
             return {}
-        return {CHANNEL_METADATA_KEY: self._channel_address}
+        return channel_metadata(self._channel_address)
 
     def channel_stats(self) -> dict[str, Any]:
         channel = self._channel

@@ -14,11 +14,16 @@ Frames are a 4-byte big-endian length, then a JSON array:
                      ["e", seq, error_class, message, param, code]
 JSON, not pickle: whoever reaches the port can start a generation, never run code (the same network
 trust as Ray's own ports; the socket binds the node's Ray address, not every interface).
+
+Each replica announces `WIRE_VERSION` next to its address. During a rolling upgrade that changes the wire, a
+router streams directly only from replicas of its own version, and through Serve's handle path from the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import logging
 import socket
@@ -58,6 +63,14 @@ _ERRORS: dict[str, type[errors.ServingError]] = {
     )
 }
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, check_circular=False)
+# Bump when frames change meaning while the messages keep their fields; a change of fields changes the
+# fingerprint by itself.
+_WIRE_REVISION = 1
+_WIRE_FIELDS = tuple(
+    (cls.__name__, tuple(f.name for f in dataclasses.fields(cls)))
+    for cls in (GenerateRequest, SamplingParams, RetentionRange, TokenDelta)
+)
+WIRE_VERSION = f"{_WIRE_REVISION}-" + hashlib.sha256(repr(_WIRE_FIELDS).encode()).hexdigest()[:12]
 
 
 def request_to_wire(request: GenerateRequest) -> dict[str, Any]:

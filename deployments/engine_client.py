@@ -264,7 +264,7 @@ class EngineClient:
         current: dict[str, _Replica] = {}
         is_grown = False
         for replica_id, running in self._directory.replicas.items():
-            address = ReplicaDirectory.channel_address(running)
+            address = self._directory.channel_address(running)
             if address is None:
                 continue
             known = self._replicas.get(replica_id)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from deployments.engine_channel import WIRE_VERSION
 
 if TYPE_CHECKING:
     from ray.serve.request_router import RunningReplica
@@ -14,6 +16,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 CHANNEL_METADATA_KEY = "engine_channel"
+WIRE_VERSION_METADATA_KEY = "engine_channel_wire"
+
+
+def channel_metadata(address: str) -> dict[str, Any]:
+    """What an Engine replica tells Serve about its channel (`Engine.record_replica_metadata`)."""
+    return {CHANNEL_METADATA_KEY: address, WIRE_VERSION_METADATA_KEY: WIRE_VERSION}
 
 
 class ReplicaDirectory:
@@ -29,11 +37,28 @@ class ReplicaDirectory:
         self.policy: RoutingPolicy | None = None
         self.died: set[str] = set()  # replicas whose actor died (their connections close at once)
         self._listeners: list[Callable[[], None]] = []
+        self._reported_versions: set[str] = set()
 
-    @staticmethod
-    def channel_address(replica: RunningReplica) -> str | None:
-        address = replica.replica_metadata.get(CHANNEL_METADATA_KEY)
-        return address if isinstance(address, str) else None
+    def channel_address(self, replica: RunningReplica) -> str | None:
+        """Where the replica's channel listens; None without one, or when it speaks another wire version
+        (a rolling upgrade in progress: that replica is reached through Serve's handle path)."""
+        metadata = replica.replica_metadata
+        address = metadata.get(CHANNEL_METADATA_KEY)
+        if not isinstance(address, str):
+            return None
+        version = metadata.get(WIRE_VERSION_METADATA_KEY)
+        if version != WIRE_VERSION:
+            if str(version) not in self._reported_versions:
+                self._reported_versions.add(str(version))
+                logger.warning(
+                    "engine replica %s speaks channel wire %s, this router %s: its requests take Serve's "
+                    "handle path",
+                    replica.replica_id.unique_id,
+                    version,
+                    WIRE_VERSION,
+                )
+            return None
+        return address
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)

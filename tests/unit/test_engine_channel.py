@@ -4,6 +4,7 @@ reads, cancellation reaches the executor, errors keep their class, and a lost co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -77,6 +78,8 @@ def test_a_request_crosses_the_wire_unchanged() -> None:
         retention=RetentionRange(0, 3, 80),
     )
     assert request_from_wire(request_to_wire(full)) == full
+    # Every field travels; a new one must be added to the wire (and so changes WIRE_VERSION's fingerprint).
+    assert set(request_to_wire(full)) == {f.name for f in dataclasses.fields(GenerateRequest)}
     assert request_from_wire(request_to_wire(request("r-2"))) == request("r-2")
 
 

@@ -16,7 +16,12 @@ from deployments.engine_channel import ChannelServer
 from deployments.engine_client import EngineClient
 from deployments.errors import EngineDead, OverloadedError
 from deployments.messages import FinishReason, GenerateRequest, TokenDelta
-from deployments.replica_directory import CHANNEL_METADATA_KEY, replica_directory
+from deployments.replica_directory import (
+    CHANNEL_METADATA_KEY,
+    WIRE_VERSION_METADATA_KEY,
+    channel_metadata,
+    replica_directory,
+)
 from deployments.routing import RoutingPolicy
 
 T = TypeVar("T")
@@ -72,7 +77,7 @@ class FakeHandle:
 def running_replica(replica_id: str, address: str | None, max_ongoing: int = 8) -> Any:
     return SimpleNamespace(
         replica_id=SimpleNamespace(unique_id=replica_id),
-        replica_metadata={CHANNEL_METADATA_KEY: address} if address else {},
+        replica_metadata=channel_metadata(address) if address else {},
         max_ongoing_requests=max_ongoing,
         routing_stats={},
     )
@@ -108,6 +113,31 @@ def test_replicas_without_a_channel_leave_requests_to_serves_path_with_their_ses
         await client.open(request("r2"))
         assert handle.calls == [("s", "r1"), (None, "r2")]
         assert client.stats()["num_handle_streams"] == 2
+
+    run(body)
+
+
+def test_a_replica_of_another_wire_version_is_reached_through_serves_path() -> None:
+    """A rolling upgrade: the old replica (announcing another wire, or none, as releases before the
+    version did) gets Serve's handle path; the replica of this router's version gets the channel."""
+
+    async def body() -> None:
+        engines, servers, addresses = await start_replicas(3)
+        for engine in engines:
+            engine.gate.set()
+        old = running_replica("old", addresses[0])
+        old.replica_metadata[WIRE_VERSION_METADATA_KEY] = "0-000000000000"
+        older = running_replica("older", None)
+        older.replica_metadata = {CHANNEL_METADATA_KEY: addresses[1]}
+        client, handle, _ = client_for([old, older])
+        await client.open(request("r1"))
+        assert handle.calls == [(None, "r1")]
+        assert servers[0].num_streams_served == servers[1].num_streams_served == 0
+        client, handle, _ = client_for([old, older, running_replica("new", addresses[2])])
+        await finish(await client.open(request("r2")))
+        assert handle.calls == [] and servers[2].num_streams_served == 1
+        for server in servers:
+            await server.close(drain_timeout_s=0)
 
     run(body)
 

@@ -237,7 +237,7 @@ _SHIPPED_ROUTER_CHECK = """
 import sys, types
 import ray.cloudpickle as cloudpickle
 from ray.serve._private.common import DeploymentID
-from deployments.replica_directory import CHANNEL_METADATA_KEY, replica_directory
+from deployments.replica_directory import channel_metadata, replica_directory
 from deployments.routing import RoutingPolicy, SessionAffinityRouter
 
 shipped = cloudpickle.loads(sys.stdin.buffer.read())
@@ -246,7 +246,7 @@ router = shipped.__new__(shipped)  # Serve's constructor needs a running Serve; 
 router._policy = RoutingPolicy()
 router._deployment_id = DeploymentID(name="Engine", app_name="shipped")
 replica = types.SimpleNamespace(
-    replica_id=types.SimpleNamespace(unique_id="r1"), replica_metadata={CHANNEL_METADATA_KEY: "h:1"}
+    replica_id=types.SimpleNamespace(unique_id="r1"), replica_metadata=channel_metadata("h:1")
 )
 router._publish(replicas=[replica])
 directory = replica_directory("shipped", "Engine")
