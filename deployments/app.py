@@ -50,7 +50,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         )
     engine = engine_deployment(config.engine, model_dir).bind(config.engine, model_dir)
     router = serve.deployment(
-        Router,
         name="Router",
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests + _REFUSAL_HEADROOM,
@@ -59,5 +58,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             "num_cpus": config.router.num_cpus_per_replica,
             "runtime_env": {"env_vars": dict(SERVE_REPLICA_ENV)},
         },
-    )
+    )(Router)
     return router.bind(config, engine, model_dir, tokenizer_dir)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -141,7 +142,9 @@ class ChannelServer:
     A stream ends with its final delta, an error frame, a cancel frame, or the connection closing (which
     cancels every stream of that router)."""
 
-    def __init__(self, generate: Callable[[GenerateRequest], AsyncIterator[TokenDelta]]) -> None:
+    def __init__(
+        self, generate: Callable[[GenerateRequest], AsyncGenerator[TokenDelta, None]]
+    ) -> None:
         self._generate = generate
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -198,9 +201,9 @@ class ChannelServer:
                     streams[seq] = task
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-                    task.add_done_callback(lambda _, seq=seq: streams.pop(seq, None))
-                elif kind == "c" and (task := streams.pop(seq, None)) is not None:
-                    task.cancel()
+                    task.add_done_callback(functools.partial(_forget_stream, streams, seq))
+                elif kind == "c" and seq in streams:
+                    streams.pop(seq).cancel()
         except (asyncio.IncompleteReadError, OSError):
             pass  # the router closed the connection (or its process ended)
         except Exception:
@@ -238,6 +241,10 @@ class ChannelServer:
                 logger.exception("engine stream %s failed", seq)
                 error = errors.EngineError(f"the engine failed: {type(error).__name__}: {error}")
             outbox.send(_error_frame(seq, error))
+
+
+def _forget_stream(streams: dict[int, asyncio.Task[None]], seq: int, _: object) -> None:
+    streams.pop(seq, None)
 
 
 def _error_frame(seq: int, error: errors.ServingError) -> list[Any]:
@@ -354,11 +361,10 @@ class ChannelConnection:
 
     async def connect(self, timeout_s: float) -> None:
         host, port = self.address.rsplit(":", 1)
-        self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port)), timeout_s
-        )
-        _enable_keepalive(self._writer.get_extra_info("socket"))
-        self._outbox = _Outbox(self._writer)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
+        self._reader, self._writer = reader, writer
+        _enable_keepalive(writer.get_extra_info("socket"))
+        self._outbox = _Outbox(writer)
         self._read_task = asyncio.create_task(self._read_loop())
 
     @property

@@ -90,10 +90,10 @@ class EngineClient:
     async def open(self, request: GenerateRequest) -> EngineStream:
         """Starts the request on a replica; raises OverloadedError when this process's queue is full."""
         if self._directory is not None:
-            stream = await self._open_direct(request)
-            if stream is not None:
+            direct = await self._open_direct(request)
+            if direct is not None:
                 self.num_direct_streams += 1
-                return stream
+                return direct
         self.num_handle_streams += 1
         handle = self._handle
         if request.session_id:

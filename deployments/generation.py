@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -112,7 +112,7 @@ class Generation:
                 raise to_serving_error(error) from error
             raise
 
-    async def events(self) -> AsyncIterator[TextEvent]:
+    async def events(self) -> AsyncGenerator[TextEvent, None]:
         """Yields text events; the last one has `finish_reason`. Raises ServingError on engine failure."""
         assert self._first is not None, "start() first"
         delta: TokenDelta | None = self._first

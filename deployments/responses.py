@@ -4,7 +4,7 @@ streaming or whole, one or several choices."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +45,7 @@ class Choice:
 
     index: int
     generation: Generation
-    events: AsyncIterator[TextEvent]
+    events: AsyncGenerator[TextEvent, None]
     parser: ToolCallParser | None = None
     tokenizer: Any = None
     has_logprobs: bool = False
@@ -74,7 +74,7 @@ def _token_logprobs(choice: Choice, pairs: list[tuple[int, float]]) -> ChoiceLog
     return ChoiceLogprobs(content=content)
 
 
-async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+async def merge(streams: list[AsyncGenerator[Any, None]]) -> AsyncGenerator[Any, None]:
     """Interleave several streams as items arrive (n > 1); one stream passes straight through."""
     if len(streams) == 1:
         async with aclosing(streams[0]) as only:
@@ -83,7 +83,7 @@ async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
         return
     queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
 
-    async def pump(stream: AsyncIterator[Any]) -> None:
+    async def pump(stream: AsyncGenerator[Any, None]) -> None:
         try:
             async with aclosing(stream):
                 async for item in stream:
@@ -109,7 +109,7 @@ async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
 
 
 # ---- chat -----------------------------------------------------------------------------------------------
-async def _choice_chunks(choice: Choice) -> AsyncIterator[ChunkChoice]:
+async def _choice_chunks(choice: Choice) -> AsyncGenerator[ChunkChoice, None]:
     async with aclosing(choice.events) as events:
         async for event in events:
             for delta in _deltas(choice, event.text, is_final=event.finish_reason is not None):
@@ -158,14 +158,19 @@ async def chat_chunks(
     *,
     include_usage: bool,
     session: SessionInfo = _no_session,
-) -> AsyncIterator[ChatCompletionChunk]:
+) -> AsyncGenerator[ChatCompletionChunk, None]:
     for choice in choices:
         role = ChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))
         yield ChatCompletionChunk(id=request_id, model=model, choices=[role])
     async with aclosing(merge([_choice_chunks(c) for c in choices])) as merged:
         async for chunk_choice in merged:
-            extra = {"session": session()} if chunk_choice.finish_reason is not None else {}
-            yield ChatCompletionChunk(id=request_id, model=model, choices=[chunk_choice], **extra)
+            is_last = chunk_choice.finish_reason is not None
+            yield ChatCompletionChunk(
+                id=request_id,
+                model=model,
+                choices=[chunk_choice],
+                session=session() if is_last else None,
+            )
     if include_usage:
         yield ChatCompletionChunk(
             id=request_id, model=model, choices=[], usage=total_usage(choices)
@@ -232,7 +237,7 @@ def _completion_logprobs(
 
 async def _completion_choice_chunks(
     choice: Choice, echo_text: str | None
-) -> AsyncIterator[CompletionChoice]:
+) -> AsyncGenerator[CompletionChoice, None]:
     offset = 0
     if echo_text is not None:
         offset = len(echo_text)
@@ -257,7 +262,7 @@ async def completion_chunks(
     echo: list[str | None],
     *,
     include_usage: bool,
-) -> AsyncIterator[CompletionResponse]:
+) -> AsyncGenerator[CompletionResponse, None]:
     streams = [_completion_choice_chunks(c, e) for c, e in zip(choices, echo, strict=True)]
     async with aclosing(merge(streams)) as merged:
         async for choice in merged:
@@ -283,7 +288,7 @@ async def completion_response(
     )
 
 
-async def collect(events: AsyncIterator[TextEvent]) -> tuple[str, Any]:
+async def collect(events: AsyncGenerator[TextEvent, None]) -> tuple[str, Any]:
     parts: list[str] = []
     finish: Any = "stop"
     async with aclosing(events):

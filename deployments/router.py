@@ -8,7 +8,7 @@ import hashlib
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import asdict
 from typing import Any, TypeVar
@@ -99,7 +99,7 @@ async def read_json(request: Request) -> Any:
     return limits.parse_json(raw)
 
 
-async def sse_stream(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+async def sse_stream(chunks: AsyncGenerator[BaseModel, None]) -> AsyncGenerator[bytes, None]:
     try:
         async with aclosing(chunks):
             async for chunk in chunks:
@@ -163,7 +163,7 @@ class ChatTurn:
         self._parser_family = parser_family
         self._state: SessionState | None = None
 
-    async def events(self) -> AsyncIterator[TextEvent]:
+    async def events(self) -> AsyncGenerator[TextEvent, None]:
         is_committed = False
         source = self.generation.events()
         try:
@@ -224,7 +224,7 @@ class ChatTurn:
 class Router:
     """Text lives here: templating, tokenization, detokenization, stop strings; the engine sees token ids."""
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self, config: AppConfig, engine: Any, model_dir: str, tokenizer_dir: str
     ) -> None:
         self._config = config

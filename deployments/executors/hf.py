@@ -6,7 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from deployments.config import TransformersEngineConfig
 from deployments.errors import EngineDead, EngineError
@@ -98,7 +98,8 @@ class TransformersExecutor(Executor):
         model = AutoModelForCausalLM.from_pretrained(
             self._model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation
         )
-        model = model.to(device).eval()
+        # Any: the decorator on transformers' `to` hides its signature from mypy.
+        model = cast(Any, model).to(device).eval()
         self._vocab_size = int(model.config.vocab_size)
         # Greedy only: no processors at all, CB takes the argmax of the logits (transformers serve's default).
         sampling: dict[str, Any] = (
