@@ -13,7 +13,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments.config import EngineConfig
-from deployments.engine_channel import ChannelServer
+from deployments.engine_channel import WIRE_VERSION, ChannelServer
 from deployments.executors.base import Executor
 from deployments.messages import EngineCapabilities, ExecutorStats, GenerateRequest, TokenDelta
 from deployments.placement import engine_deployment_options
@@ -82,7 +82,7 @@ class Engine:
         """Serve's static per-replica metadata, read by every router of this deployment (routing.py)."""
         if self._channel_address is None:
             return {}
-        return channel_metadata(self._channel_address)
+        return channel_metadata(self._channel_address, WIRE_VERSION)
 
     def channel_stats(self) -> dict[str, Any]:
         channel = self._channel

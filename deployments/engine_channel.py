@@ -16,7 +16,8 @@ JSON, not pickle: whoever reaches the port can start a generation, never run cod
 trust as Ray's own ports; the socket binds the node's Ray address, not every interface).
 
 Each replica announces `WIRE_VERSION` next to its address. During a rolling upgrade that changes the wire, a
-router streams directly only from replicas of its own version, and through Serve's handle path from the rest.
+router streams directly only from replicas of its own version; Serve's handle path reaches the rest, and
+takes this router's requests whenever its own-version replicas are full (`engine_client.py`).
 """
 
 from __future__ import annotations
@@ -64,14 +65,17 @@ _ERRORS: dict[str, type[errors.ServingError]] = {
     )
 }
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, check_circular=False)
-# Bump when frames change meaning while the messages keep their fields; a change of fields changes the
-# fingerprint by itself.
+# Bump when frames change meaning while the messages keep their fields, types and finish reasons; a change
+# of those changes the fingerprint by itself (annotations are strings here: the same in every process).
 _WIRE_REVISION = 1
-_WIRE_FIELDS = tuple(
-    (cls.__name__, tuple(f.name for f in dataclasses.fields(cls)))
-    for cls in (GenerateRequest, SamplingParams, RetentionRange, TokenDelta)
+_WIRE_LAYOUT = (
+    *(
+        (cls.__name__, tuple((f.name, str(f.type)) for f in dataclasses.fields(cls)))
+        for cls in (GenerateRequest, SamplingParams, RetentionRange, TokenDelta)
+    ),
+    ("FinishReason", tuple(reason.value for reason in FinishReason)),
 )
-WIRE_VERSION = f"{_WIRE_REVISION}-" + hashlib.sha256(repr(_WIRE_FIELDS).encode()).hexdigest()[:12]
+WIRE_VERSION = f"{_WIRE_REVISION}-" + hashlib.sha256(repr(_WIRE_LAYOUT).encode()).hexdigest()[:12]
 
 
 def request_to_wire(request: GenerateRequest) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from typing import Any, Protocol
 
-from deployments.engine_channel import ChannelConnection
+from deployments.engine_channel import WIRE_VERSION, ChannelConnection
 from deployments.errors import OverloadedError
 from deployments.messages import GenerateRequest
 from deployments.replica_directory import ReplicaDirectory, replica_directory
@@ -79,6 +79,9 @@ class EngineClient:
         self._retired: list[_Replica] = []
         self._queue: deque[_Ticket] = deque()
         self._directory: ReplicaDirectory | None = None
+        # Replicas Serve runs that the channel cannot reach: none announced yet, or another wire version.
+        self._num_serve_only_replicas = 0
+        self._reported_versions: set[str | None] = set()
         self.num_direct_streams = 0
         self.num_handle_streams = 0
         if is_direct:
@@ -128,9 +131,11 @@ class EngineClient:
                 raise
 
     async def _admit(self, request: GenerateRequest) -> _Replica | None:
-        """A replica with room for one more of this process's requests, counted in; None when no replica
-        has a channel (Serve's path then). While all are full, requests wait in line: a newcomer never
-        overtakes a waiting request, and a woken request that finds no room keeps its place."""
+        """A replica with room for one more of this process's requests, counted in; None for Serve's path:
+        when no replica has a channel of this router's wire version, or when all that do are full while
+        Serve runs others (a rolling upgrade, or replicas still starting) that its path reaches. While all
+        are full, requests wait in line: a newcomer never overtakes a waiting request, and a woken request
+        that finds no room keeps its place."""
         ticket: _Ticket | None = None
         try:
             while True:
@@ -148,6 +153,8 @@ class EngineClient:
                     if policy is not None and policy.config.is_affinity:
                         policy.record_routed(replica.replica_id, request.prompt_token_ids)
                     return replica
+                if replica is None and self._num_serve_only_replicas:
+                    return None
                 if ticket is None:
                     if len(self._queue) >= self._max_queued_requests:
                         raise OverloadedError(
@@ -264,7 +271,9 @@ class EngineClient:
         current: dict[str, _Replica] = {}
         is_grown = False
         for replica_id, running in self._directory.replicas.items():
-            address = self._directory.channel_address(running)
+            address = ReplicaDirectory.channel_address(running)
+            if address is not None and not self._speaks_our_wire(running):
+                address = None
             if address is None:
                 continue
             known = self._replicas.get(replica_id)
@@ -282,8 +291,24 @@ class EngineClient:
             elif replica.connection is not None:
                 replica.connection.close("the replica left the deployment")
         self._replicas = current
+        self._num_serve_only_replicas = len(self._directory.replicas) - len(current)
         if is_grown:
             self._wake_all()  # new replicas have room
+
+    def _speaks_our_wire(self, running: Any) -> bool:
+        version = ReplicaDirectory.wire_version(running)
+        if version == WIRE_VERSION:
+            return True
+        if version not in self._reported_versions:  # once per version, not per membership update
+            self._reported_versions.add(version)
+            logger.warning(
+                "engine replica %s speaks channel wire %s, this router %s: it is reached through Serve's "
+                "handle path",
+                running.replica_id.unique_id,
+                version,
+                WIRE_VERSION,
+            )
+        return False
 
 
 class _Ticket:

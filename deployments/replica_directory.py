@@ -7,8 +7,6 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from deployments.engine_channel import WIRE_VERSION
-
 if TYPE_CHECKING:
     from ray.serve.request_router import RunningReplica
 
@@ -19,9 +17,9 @@ CHANNEL_METADATA_KEY = "engine_channel"
 WIRE_VERSION_METADATA_KEY = "engine_channel_wire"
 
 
-def channel_metadata(address: str) -> dict[str, Any]:
+def channel_metadata(address: str, wire_version: str) -> dict[str, Any]:
     """What an Engine replica tells Serve about its channel (`Engine.record_replica_metadata`)."""
-    return {CHANNEL_METADATA_KEY: address, WIRE_VERSION_METADATA_KEY: WIRE_VERSION}
+    return {CHANNEL_METADATA_KEY: address, WIRE_VERSION_METADATA_KEY: wire_version}
 
 
 class ReplicaDirectory:
@@ -37,28 +35,17 @@ class ReplicaDirectory:
         self.policy: RoutingPolicy | None = None
         self.died: set[str] = set()  # replicas whose actor died (their connections close at once)
         self._listeners: list[Callable[[], None]] = []
-        self._reported_versions: set[str] = set()
 
-    def channel_address(self, replica: RunningReplica) -> str | None:
-        """Where the replica's channel listens; None without one, or when it speaks another wire version
-        (a rolling upgrade in progress: that replica is reached through Serve's handle path)."""
-        metadata = replica.replica_metadata
-        address = metadata.get(CHANNEL_METADATA_KEY)
-        if not isinstance(address, str):
-            return None
-        version = metadata.get(WIRE_VERSION_METADATA_KEY)
-        if version != WIRE_VERSION:
-            if str(version) not in self._reported_versions:
-                self._reported_versions.add(str(version))
-                logger.warning(
-                    "engine replica %s speaks channel wire %s, this router %s: its requests take Serve's "
-                    "handle path",
-                    replica.replica_id.unique_id,
-                    version,
-                    WIRE_VERSION,
-                )
-            return None
-        return address
+    @staticmethod
+    def channel_address(replica: RunningReplica) -> str | None:
+        address = replica.replica_metadata.get(CHANNEL_METADATA_KEY)
+        return address if isinstance(address, str) else None
+
+    @staticmethod
+    def wire_version(replica: RunningReplica) -> str | None:
+        """None from replicas of releases that announced no version."""
+        version = replica.replica_metadata.get(WIRE_VERSION_METADATA_KEY)
+        return version if isinstance(version, str) else None
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)

@@ -8,7 +8,7 @@ import hashlib
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import asdict
 from typing import Any, TypeVar
@@ -360,7 +360,7 @@ class Router:
 
     async def chat_stream(
         self, body: dict[str, Any], api_key: str | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Streaming chat completion: `handle.options(stream=True).chat_stream.remote({...})` yields chunks."""
         request = parse_request(ChatCompletionRequest, {**body, "stream": True})
         request_id, choices, session = await self._start_chat(

@@ -78,8 +78,13 @@ def test_a_request_crosses_the_wire_unchanged() -> None:
         retention=RetentionRange(0, 3, 80),
     )
     assert request_from_wire(request_to_wire(full)) == full
-    # Every field travels; a new one must be added to the wire (and so changes WIRE_VERSION's fingerprint).
-    assert set(request_to_wire(full)) == {f.name for f in dataclasses.fields(GenerateRequest)}
+    # Every field travels: a new one must be added to the wire (its fingerprint changes by itself).
+    wire = request_to_wire(full)
+    assert set(wire) == {f.name for f in dataclasses.fields(GenerateRequest)}
+    assert len(wire["sampling"]) == len(dataclasses.fields(SamplingParams))
+    assert len(wire["retention"]) == len(dataclasses.fields(RetentionRange))
+    # A delta frame carries TokenDelta's four fields by position (`ChannelServer._run_stream`).
+    assert len(dataclasses.fields(TokenDelta)) == 4
     assert request_from_wire(request_to_wire(request("r-2"))) == request("r-2")
 
 

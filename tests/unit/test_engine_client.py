@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from deployments.engine_channel import ChannelServer
+from deployments.engine_channel import WIRE_VERSION, ChannelServer
 from deployments.engine_client import EngineClient
 from deployments.errors import EngineDead, OverloadedError
 from deployments.messages import FinishReason, GenerateRequest, TokenDelta
@@ -77,7 +77,7 @@ class FakeHandle:
 def running_replica(replica_id: str, address: str | None, max_ongoing: int = 8) -> Any:
     return SimpleNamespace(
         replica_id=SimpleNamespace(unique_id=replica_id),
-        replica_metadata=channel_metadata(address) if address else {},
+        replica_metadata=channel_metadata(address, WIRE_VERSION) if address else {},
         max_ongoing_requests=max_ongoing,
         routing_stats={},
     )
@@ -117,9 +117,12 @@ def test_replicas_without_a_channel_leave_requests_to_serves_path_with_their_ses
     run(body)
 
 
-def test_a_replica_of_another_wire_version_is_reached_through_serves_path() -> None:
+def test_a_replica_of_another_wire_version_is_reached_through_serves_path(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A rolling upgrade: the old replica (announcing another wire, or none, as releases before the
-    version did) gets Serve's handle path; the replica of this router's version gets the channel."""
+    version did) gets Serve's handle path; the replica of this router's version gets the channel, and
+    once it is full, Serve's path takes the overflow instead of a queue that would leave the old idle."""
 
     async def body() -> None:
         engines, servers, addresses = await start_replicas(3)
@@ -133,13 +136,26 @@ def test_a_replica_of_another_wire_version_is_reached_through_serves_path() -> N
         await client.open(request("r1"))
         assert handle.calls == [(None, "r1")]
         assert servers[0].num_streams_served == servers[1].num_streams_served == 0
-        client, handle, _ = client_for([old, older, running_replica("new", addresses[2])])
+        new = running_replica("new", addresses[2], max_ongoing=1)
+        client, handle, directory = client_for([old, older, new])
         await finish(await client.open(request("r2")))
         assert handle.calls == [] and servers[2].num_streams_served == 1
+        engines[2].gate.clear()
+        held = await client.open(request("r3"))  # takes the new replica's only slot
+        await client.open(request("r4"))
+        assert handle.calls == [(None, "r4")] and client.stats()["num_queued"] == 0
+        directory.update([old, older, new], RoutingPolicy())  # another membership update
+        engines[2].gate.set()
+        await finish(held)
         for server in servers:
             await server.close(drain_timeout_s=0)
 
-    run(body)
+    with caplog.at_level("WARNING", logger="deployments.engine_client"):
+        run(body)
+    warnings = [r.getMessage() for r in caplog.records if "speaks channel wire" in r.getMessage()]
+    # Each of the two clients warns once per version it meets ("0-000000000000", and None: no version),
+    # not again on the second client's later membership update.
+    assert len(warnings) == 4, warnings
 
 
 def test_serve_handle_transport_never_opens_a_channel() -> None:

@@ -237,6 +237,7 @@ _SHIPPED_ROUTER_CHECK = """
 import sys, types
 import ray.cloudpickle as cloudpickle
 from ray.serve._private.common import DeploymentID
+from deployments.engine_channel import WIRE_VERSION
 from deployments.replica_directory import channel_metadata, replica_directory
 from deployments.routing import RoutingPolicy, SessionAffinityRouter
 
@@ -246,7 +247,7 @@ router = shipped.__new__(shipped)  # Serve's constructor needs a running Serve; 
 router._policy = RoutingPolicy()
 router._deployment_id = DeploymentID(name="Engine", app_name="shipped")
 replica = types.SimpleNamespace(
-    replica_id=types.SimpleNamespace(unique_id="r1"), replica_metadata=channel_metadata("h:1")
+    replica_id=types.SimpleNamespace(unique_id="r1"), replica_metadata=channel_metadata("h:1", WIRE_VERSION)
 )
 router._publish(replicas=[replica])
 directory = replica_directory("shipped", "Engine")
