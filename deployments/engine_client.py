@@ -26,9 +26,11 @@ from deployments.routing import ReplicaLoad, reported_num_requests
 logger = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT_S = 2.0
-# A replica whose channel refused a connection is left to Serve's path for this long (Serve's health
-# check replaces a dead replica; a live one is tried again).
+# A replica whose channel refused a connection is skipped for this long, doubled after each further refusal
+# up to the cap (Serve's health check replaces a dead replica; a live one, say behind a firewall, is tried
+# again, and each try costs the request that makes it up to the connect timeout).
 _UNREACHABLE_FOR_S = 5.0
+_MAX_UNREACHABLE_FOR_S = 60.0
 
 
 class EngineStream(Protocol):
@@ -46,6 +48,7 @@ class _Replica:
         "address",
         "connecting",
         "connection",
+        "num_failed_connects",
         "num_in_flight",
         "replica_id",
         "running",
@@ -59,6 +62,7 @@ class _Replica:
         self.connection: ChannelConnection | None = None
         self.connecting: asyncio.Future[ChannelConnection] | None = None
         self.num_in_flight = 0
+        self.num_failed_connects = 0  # in a row
         self.unreachable_until = 0.0
 
     @property
@@ -209,6 +213,7 @@ class EngineClient:
             connection = ChannelConnection(replica.address)
             await connection.connect(_CONNECT_TIMEOUT_S)
             replica.connection = connection
+            replica.num_failed_connects = 0
             return connection
         finally:
             replica.connecting = None
@@ -222,17 +227,22 @@ class EngineClient:
         self._wake_one()
 
     def _set_unreachable(self, replica: _Replica, error: BaseException) -> None:
-        replica.unreachable_until = time.monotonic() + _UNREACHABLE_FOR_S
+        replica.num_failed_connects += 1
+        skip_s = min(
+            _UNREACHABLE_FOR_S * 2 ** (replica.num_failed_connects - 1), _MAX_UNREACHABLE_FOR_S
+        )
+        replica.unreachable_until = time.monotonic() + skip_s
         logger.warning(
-            "engine replica %s: channel %s unreachable (%s); using the other replicas, or Serve's path "
-            "when none is left",
+            "engine replica %s: channel %s unreachable (%s); skipped for %.0f s, using the other replicas, "
+            "or Serve's path when none is left",
             replica.replica_id,
             replica.address,
             type(error).__name__,
+            skip_s,
         )
         # Waiting requests may go elsewhere now, and may come back when the replica is tried again.
         self._wake_all()
-        asyncio.get_running_loop().call_later(_UNREACHABLE_FOR_S, self._wake_all)
+        asyncio.get_running_loop().call_later(skip_s, self._wake_all)
 
     def _wake_one(self) -> None:
         for ticket in self._queue:

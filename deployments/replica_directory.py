@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 CHANNEL_METADATA_KEY = "engine_channel"
+# Routers act on a death as soon as they hear of it (`remove` notifies them), so only recent ids matter.
+_MAX_DIED_IDS = 4096
 WIRE_VERSION_METADATA_KEY = "engine_channel_wire"
 
 
@@ -33,7 +35,8 @@ class ReplicaDirectory:
     def __init__(self) -> None:
         self.replicas: dict[str, RunningReplica] = {}
         self.policy: RoutingPolicy | None = None
-        self.died: set[str] = set()  # replicas whose actor died (their connections close at once)
+        # Replicas whose actor died (their connections close at once), oldest first.
+        self.died: dict[str, None] = {}
         self._listeners: list[Callable[[], None]] = []
 
     @staticmethod
@@ -57,7 +60,9 @@ class ReplicaDirectory:
 
     def remove(self, replica_id: str) -> None:
         """Serve saw the replica's actor die."""
-        self.died.add(replica_id)
+        self.died[replica_id] = None
+        if len(self.died) > _MAX_DIED_IDS:
+            del self.died[next(iter(self.died))]
         if self.replicas.pop(replica_id, None) is not None:
             self._notify()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ from deployments.messages import FinishReason, GenerateRequest, TokenDelta
 from deployments.replica_directory import (
     CHANNEL_METADATA_KEY,
     WIRE_VERSION_METADATA_KEY,
+    ReplicaDirectory,
     channel_metadata,
     replica_directory,
 )
@@ -244,6 +246,30 @@ def test_an_unreachable_replica_is_skipped_and_with_none_left_serves_path_takes_
         assert handle.calls == [(None, "fallback")]
 
     run(body)
+
+
+def test_a_replica_that_keeps_refusing_is_skipped_for_longer_each_time_up_to_a_minute() -> None:
+    async def body() -> None:
+        _, servers, addresses = await start_replicas(1)
+        await servers[0].close(drain_timeout_s=0)  # its port now refuses connections
+        client, handle, _ = client_for([running_replica("a", addresses[0])])
+        skips = []
+        for i in range(6):
+            replica = client._replicas["a"]
+            replica.unreachable_until = 0.0  # as if its skip had run out
+            await client.open(request(f"r{i}"))  # refused: Serve's path serves it
+            skips.append(round(replica.unreachable_until - time.monotonic()))
+        assert skips == [5, 10, 20, 40, 60, 60]
+        assert len(handle.calls) == 6
+
+    run(body)
+
+
+def test_the_directory_keeps_only_recent_dead_replica_ids() -> None:
+    directory = ReplicaDirectory()
+    for i in range(5000):
+        directory.remove(f"r{i}")
+    assert len(directory.died) == 4096 and "r4999" in directory.died and "r0" not in directory.died
 
 
 def test_a_replica_serve_removes_finishes_its_streams_then_its_connection_closes() -> None:
