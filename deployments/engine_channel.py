@@ -79,27 +79,19 @@ WIRE_VERSION = f"{_WIRE_REVISION}-" + hashlib.sha256(repr(_WIRE_LAYOUT).encode()
 
 
 def request_to_wire(request: GenerateRequest) -> dict[str, Any]:
-    s, r = request.sampling, request.retention
+    retention = request.retention
     return {
         "request_id": request.request_id,
         "prompt_token_ids": request.prompt_token_ids,
         "max_tokens": request.max_tokens,
-        "sampling": [
-            s.temperature,
-            s.top_p,
-            s.top_k,
-            s.seed,
-            s.presence_penalty,
-            s.frequency_penalty,
-            s.repetition_penalty,
-            s.min_tokens,
-        ],
+        # By position, in field order: `request_from_wire` rebuilds them with `SamplingParams(*...)`.
+        "sampling": list(dataclasses.astuple(request.sampling)),
         "end_id": request.end_id,
         "pad_id": request.pad_id,
         "stop_token_sequences": request.stop_token_sequences,
         "return_logprobs": request.return_logprobs,
         "session_id": request.session_id,
-        "retention": None if r is None else [r.start, r.end, r.priority],
+        "retention": None if retention is None else list(dataclasses.astuple(retention)),
     }
 
 

@@ -83,8 +83,6 @@ class EngineClient:
         self._retired: list[_Replica] = []
         self._queue: deque[_Ticket] = deque()
         self._directory: ReplicaDirectory | None = None
-        # Replicas Serve runs that the channel cannot reach: none announced yet, or another wire version.
-        self._num_serve_only_replicas = 0
         self._reported_versions: set[str | None] = set()
         self.num_direct_streams = 0
         self.num_handle_streams = 0
@@ -157,7 +155,7 @@ class EngineClient:
                     if policy is not None and policy.config.is_affinity:
                         policy.record_routed(replica.replica_id, request.prompt_token_ids)
                     return replica
-                if replica is None and self._num_serve_only_replicas:
+                if self._has_serve_only_replicas:
                     return None
                 if ticket is None:
                     if len(self._queue) >= self._max_queued_requests:
@@ -282,9 +280,7 @@ class EngineClient:
         is_grown = False
         for replica_id, running in self._directory.replicas.items():
             address = ReplicaDirectory.channel_address(running)
-            if address is not None and not self._speaks_our_wire(running):
-                address = None
-            if address is None:
+            if address is None or not self._speaks_our_wire(running):
                 continue
             known = self._replicas.get(replica_id)
             if known is not None and known.address == address:
@@ -301,9 +297,13 @@ class EngineClient:
             elif replica.connection is not None:
                 replica.connection.close("the replica left the deployment")
         self._replicas = current
-        self._num_serve_only_replicas = len(self._directory.replicas) - len(current)
         if is_grown:
             self._wake_all()  # new replicas have room
+
+    @property
+    def _has_serve_only_replicas(self) -> bool:
+        """Serve runs replicas the channel cannot reach: none announced yet, or another wire version."""
+        return self._directory is not None and len(self._directory.replicas) > len(self._replicas)
 
     def _speaks_our_wire(self, running: Any) -> bool:
         version = ReplicaDirectory.wire_version(running)

@@ -92,9 +92,8 @@ class TokenDelta:
 class EngineCapabilities:
     """What an executor can honour; the router rejects requests asking for more with a 400."""
 
-    supports_sampling: bool = (
-        True  # False: greedy only (temperature, top_p and top_k cannot be set)
-    )
+    # False: greedy only (temperature, top_p and top_k cannot be set).
+    supports_sampling: bool = True
     supports_seed: bool = False
     supports_penalties: bool = False
     supports_min_tokens: bool = False

@@ -14,9 +14,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 CHANNEL_METADATA_KEY = "engine_channel"
+WIRE_VERSION_METADATA_KEY = "engine_channel_wire"
 # Routers act on a death as soon as they hear of it (`remove` notifies them), so only recent ids matter.
 _MAX_DIED_IDS = 4096
-WIRE_VERSION_METADATA_KEY = "engine_channel_wire"
 
 
 def channel_metadata(address: str, wire_version: str) -> dict[str, Any]:

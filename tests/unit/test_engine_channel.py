@@ -27,6 +27,7 @@ from deployments.messages import (
     SamplingParams,
     TokenDelta,
 )
+from tests.trtllm_support import eventually
 
 T = TypeVar("T")
 STEPPING = EmulatorConfig(ttft_ms=1, itl_ms=1, max_batch_size=64)
@@ -130,11 +131,12 @@ def test_cancel_reaches_the_executor_and_frees_its_slot(model_dir: Path) -> None
         first = await stream.__anext__()
         assert first.token_ids and not first.is_final
         stream.cancel()
-        for _ in range(200):
-            stats = executor.stats()
-            if stats.num_cancelled_requests == 1 and stats.num_active_requests == 0:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(
+            lambda: (
+                (executor.stats().num_cancelled_requests, executor.stats().num_active_requests)
+                == (1, 0)
+            )
+        )
         assert executor.stats().num_cancelled_requests == 1
         assert executor.stats().num_active_requests == 0
         with pytest.raises(StopAsyncIteration):
@@ -152,10 +154,7 @@ def test_closing_the_connection_cancels_every_stream_on_it(model_dir: Path) -> N
         ]
         await asyncio.gather(*(s.__anext__() for s in streams))
         connection.close("router stopping")
-        for _ in range(200):
-            if executor.stats().num_active_requests == 0:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: executor.stats().num_active_requests == 0)
         assert executor.stats().num_cancelled_requests == 2
 
     run(lambda: _serve_emulator(model_dir, body))
@@ -225,10 +224,7 @@ def test_a_stream_frees_its_slot_when_the_engine_finishes_even_if_nobody_reads_i
         connection = await connected(address)
         released: list[int] = []
         connection.open(request("unread", max_tokens=3), lambda: released.append(1))
-        for _ in range(200):
-            if released:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: released)
         assert released == [1] and connection.num_open_streams == 0
         connection.close("test over")
 
@@ -251,10 +247,7 @@ def test_cancel_wakes_a_reader_that_is_still_waiting() -> None:
         with pytest.raises(EngineError, match="cancelled"):
             await asyncio.wait_for(reader, 5)
         assert released == [1]
-        for _ in range(200):
-            if server.num_active_streams == 0:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.num_active_streams == 0)
         assert server.num_active_streams == 0  # the cancel frame reached the engine's generator
         connection.close("done")
         await server.close(drain_timeout_s=0)

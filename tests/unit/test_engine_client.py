@@ -25,6 +25,7 @@ from deployments.replica_directory import (
     replica_directory,
 )
 from deployments.routing import RoutingPolicy
+from tests.trtllm_support import eventually
 
 T = TypeVar("T")
 _apps = itertools.count()
@@ -311,10 +312,7 @@ def test_a_membership_change_from_another_thread_is_applied_on_the_clients_loop(
 
         client._sync_replicas = recording_sync  # type: ignore[method-assign]
         await asyncio.to_thread(directory.update, replicas, RoutingPolicy())
-        for _ in range(100):
-            if applied_on:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: applied_on)
         assert applied_on == [threading.get_ident()]
         assert client.stats()["num_direct_replicas"] == 2
 
