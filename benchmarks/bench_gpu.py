@@ -378,6 +378,8 @@ def phase_peer(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
             "2048" if gpu else "512",
             "--rounds",
             str(args.peer_rounds),
+            "--ttft-requests",
+            str(args.peer_ttft_requests),
         ],
     )
     proc = subprocess.run(command, capture_output=True, text=True)
@@ -530,6 +532,9 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=1, help="requests per level = waves x c")
     parser.add_argument("--peer-rounds", type=int, default=1)
     parser.add_argument(
+        "--peer-ttft-requests", type=int, default=0, help="peer phase: a TTFT-only load at c=1"
+    )
+    parser.add_argument(
         "--cpu-tree-env", action="append", default=[], help="NAME=JSON serve-run env (CPU jobs)"
     )
     parser.add_argument("--tree", default=".")
@@ -645,7 +650,11 @@ def main() -> None:
         save()
     if "peer" not in skip and left() > 90:
         last_variant, last_tree = list(variants.items())[-1]
-        extra = [*variant_args(last_variant, last_tree), "--peer-rounds", str(args.peer_rounds)]
+        extra = [
+            *variant_args(last_variant, last_tree),
+            *("--peer-rounds", str(args.peer_rounds)),
+            *("--peer-ttft-requests", str(args.peer_ttft_requests)),
+        ]
         report["peer"] = run_phase("peer", extra, args, left() - 10, gpu0, gpu_cores)
         save()
     for name, thread, results in jobs:

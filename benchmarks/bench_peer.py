@@ -8,9 +8,10 @@ Servers, one at a time on the same cores:
   llama.cpp  llama-cpp-python's OpenAI server on the same weights converted to GGUF (`--gguf`), if given,
              one thread (`--n_threads 1`); it decodes one sequence at a time
 Loads: single-turn random prompts at each `--concurrency`, and multi-turn sessions whose history grows by each
-answer (`--turns`). The model is the embedded one with special tokens silenced, so every answer has exactly
-`--output-len` tokens on every server. KV-cache, dtype, attention and CUDA-graph settings are the same for both
-transformers servers (`--device cuda` runs both on one GPU, one at a time).
+answer (`--turns`); with `--ttft-requests N`, also N answers of `--ttft-output-len` tokens one at a time, for
+TTFT at c=1 from more samples. The model is the embedded one with special tokens silenced, so every answer has
+exactly the requested number of tokens on every server. KV-cache, dtype, attention and CUDA-graph settings are
+the same for both transformers servers (`--device cuda` runs both on one GPU, one at a time).
 
     python -m benchmarks.bench_peer --tree .bench-tree/fixed --peer-python /tmp/peer-venv/bin/python \
         --gguf /tmp/shepcache/bench-tiny-noeos.gguf --out benchmarks/results/peer.json
@@ -177,6 +178,20 @@ async def measure(base_url: str, model: str, args: argparse.Namespace) -> dict[s
                 "concurrency": concurrency,
                 **loadgen.summarize(records, duration),
             }
+        if args.ttft_requests:
+            # TTFT at c=1 with many more samples than the throughput loads give: answers are cut at
+            # `--ttft-output-len` tokens, which leaves the time to the first one unchanged.
+            short = loadgen.OpenAIBackend(
+                base_url, model, endpoint="chat", max_tokens=args.ttft_output_len
+            )
+            try:
+                jobs = loadgen.make_jobs(source, args.ttft_requests, args.input_len, 1)
+                records, duration = await loadgen.run_load(
+                    short, jobs, concurrency=1, source=source
+                )
+            finally:
+                await short.close()
+            results["ttft_c1"] = {"concurrency": 1, **loadgen.summarize(records, duration)}
         jobs = loadgen.make_jobs(source, args.sessions * 2, args.turn_len, args.turns)
         records, duration = await loadgen.run_load(
             backend, jobs, concurrency=args.sessions, source=source
@@ -218,6 +233,10 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument(
+        "--ttft-requests", type=int, default=0, help="a TTFT-only load: this many requests at c=1"
+    )
+    parser.add_argument("--ttft-output-len", type=int, default=4)
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--turn-len", type=int, default=64)

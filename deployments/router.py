@@ -579,6 +579,16 @@ class Router:
                     observer=metrics.RequestMetrics(route, session_id=session_id),
                 )
             )
+        if len(generations) == 1:
+            # One choice (nearly every request): awaited in this task, not a task of its own, so the first
+            # token wakes the handler directly instead of a task that then wakes it.
+            only = generations[0]
+            try:
+                await only.start()
+            except BaseException:
+                only.close()
+                raise
+            return generations
         starts = [asyncio.ensure_future(g.start()) for g in generations]
         try:
             await asyncio.gather(*starts)

@@ -1,0 +1,64 @@
+"""The SSE response: what it sends, and that a cancelled stream closes its body generator at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pytest
+
+from deployments import sse
+
+
+async def _never_receive() -> dict[str, Any]:
+    raise AssertionError("the response must not read the request (Serve watches for disconnects)")
+
+
+def test_sends_headers_then_each_chunk_then_the_end() -> None:
+    async def body() -> AsyncGenerator[bytes, None]:
+        yield b"data: 1\n\n"
+        yield sse.DONE
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    response = sse.EventStreamResponse(body())
+    asyncio.run(response({"type": "http"}, _never_receive, send))
+
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+    assert [m.get("body") for m in sent[1:]] == [b"data: 1\n\n", sse.DONE, b""]
+    assert [m.get("more_body") for m in sent[1:]] == [True, True, False]
+
+
+def test_a_cancelled_stream_runs_its_generators_cleanup_before_it_ends() -> None:
+    cleaned_up = asyncio.Event()
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        try:
+            yield b"data: first\n\n"
+            await asyncio.sleep(3600)  # waiting for the engine's next token
+            yield b"data: never\n\n"
+        finally:
+            await asyncio.sleep(0)  # cleanup that itself awaits (releasing a session's turn)
+            cleaned_up.set()
+
+    async def main() -> None:
+        first_sent = asyncio.Event()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message.get("body"):
+                first_sent.set()
+
+        response = sse.EventStreamResponse(body())
+        task = asyncio.create_task(response({"type": "http"}, _never_receive, send))
+        await first_sent.wait()
+        task.cancel()  # what Serve does when the client disconnects
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cleaned_up.is_set()
+
+    asyncio.run(main())
