@@ -199,19 +199,20 @@ def phase_executor(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
     engine = {"kind": "transformers", "transformers": transformers}
     source = loadgen.PromptSource(args.model_dir, seed=2)
     out: dict[str, Any] = {"card": _card(), "engine": engine, "levels": []}
+    levels = [int(c) for c in args.levels.split(",")] if args.levels else cfg["levels"]
 
     async def main() -> None:
         async with in_process_executor(engine, args.model_dir) as executor:
             backend = loadgen.ExecutorBackend(executor, cfg["output_len"], end_id=2)
             started = time.perf_counter()
             # Warm-up: one short wave at each level (CUDA-graph capture happens on first use of each shape).
-            for concurrency in cfg["levels"]:
+            for concurrency in levels:
                 warm = loadgen.make_jobs(source, concurrency, cfg["input_len"], 1)
                 await loadgen.run_load(
                     loadgen.ExecutorBackend(executor, 8, end_id=2), warm, concurrency=concurrency
                 )
             out["warmup_s"] = time.perf_counter() - started
-            for concurrency in cfg["levels"]:
+            for concurrency in levels:
                 jobs = loadgen.make_jobs(
                     source, num_requests(concurrency, args.waves), cfg["input_len"], 1
                 )
@@ -363,9 +364,9 @@ def phase_peer(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
         servers="shepherd,tf-serve",
         engine_json=json.dumps(engine),
         env_json=args.env_json,
-        concurrency="1,16,64" if gpu else "1,4",
+        concurrency=args.peer_concurrency or ("1,16,64" if gpu else "1,4"),
         min_requests=8 if gpu else 4,
-        sessions=16 if gpu else 2,
+        sessions=args.peer_sessions if args.peer_sessions is not None else (16 if gpu else 2),
         port=8131,
         out=out_file,
         extra=[
@@ -535,6 +536,14 @@ def main() -> None:
         "--peer-ttft-requests", type=int, default=0, help="peer phase: a TTFT-only load at c=1"
     )
     parser.add_argument(
+        "--bracket",
+        action="store_true",
+        help="run the executor in-process again (c=64) after each stack variant",
+    )
+    parser.add_argument("--levels", help="executor phase: concurrency levels (default: all)")
+    parser.add_argument("--peer-concurrency", help="peer phase: closed-loop levels (1,16,64)")
+    parser.add_argument("--peer-sessions", type=int, help="peer phase: multi-turn sessions (16)")
+    parser.add_argument(
         "--cpu-tree-env", action="append", default=[], help="NAME=JSON serve-run env (CPU jobs)"
     )
     parser.add_argument("--tree", default=".")
@@ -640,6 +649,16 @@ def main() -> None:
             "stack", extra, args, min(180, left() - 20), {}, gpu_cores
         )
         save()
+        if args.bracket and left() > 90:
+            # The in-process figure drifts by up to 10 % within one lease (R5.2): measured again after
+            # every stack run, each stack figure has one just before and one just after it.
+            key = f"executor[{best[1]}]@{variant}"
+            extra = [*base, "--engine-config", best[1], "--waves", str(args.waves)]
+            extra += ["--transformers-json", "{}", "--levels", "64"]
+            report[key] = run_phase(
+                f"executor:{key}", extra, args, min(120, left() - 30), gpu0, gpu_cores
+            )
+            save()
     if "stack2" not in skip and left() > 70:
         last_variant, last_tree = list(variants.items())[-1]
         extra = [
@@ -654,6 +673,12 @@ def main() -> None:
             *variant_args(last_variant, last_tree),
             *("--peer-rounds", str(args.peer_rounds)),
             *("--peer-ttft-requests", str(args.peer_ttft_requests)),
+            *(("--peer-concurrency", args.peer_concurrency) if args.peer_concurrency else ()),
+            *(
+                ("--peer-sessions", str(args.peer_sessions))
+                if args.peer_sessions is not None
+                else ()
+            ),
         ]
         report["peer"] = run_phase("peer", extra, args, left() - 10, gpu0, gpu_cores)
         save()

@@ -4,6 +4,7 @@ Items (`--items`, comma-separated):
   ttft        TTFT at c=1 (p50, p99), emulator and transformers engines: stack minus the same executor called
               in-process, plus GET /v1/models (one proxy -> Router hop, no engine) as the floor of any request
   throughput  output-token throughput at c=64, transformers engine on the embedded model: stack / in-process
+              (`--bracket`: in-process again after every tree, each ratio against the runs around it)
   ceiling     streamed tokens/s that one Router + one Engine replica sustain with the emulator engine, with the
               CPU seconds of every process; py-spy profiles of the Router, Engine and proxy for the last tree
 
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -155,6 +158,10 @@ def item_ttft(
         loadgen.write_json(args.out, result)
 
 
+def _throughput_in_process(model_dir: str, jobs: list[loadgen.Job], repo: Path) -> dict[str, Any]:
+    return asyncio.run(run_in_process("transformers", model_dir, jobs, 64, 128, repo))
+
+
 def item_throughput(
     args: argparse.Namespace, trees: dict[str, str], model_dir: str, result: dict[str, Any]
 ) -> None:
@@ -168,10 +175,16 @@ def item_throughput(
         "num_requests": args.throughput_requests,
     }
     base_tree = Path(next(iter(trees.values())))
-    entry["in_process"] = asyncio.run(
-        run_in_process("transformers", model_dir, jobs, 64, 128, base_tree)
-    )
-    print(loadgen.one_line("throughput c=64 in-process", entry["in_process"]), flush=True)
+
+    def in_process() -> dict[str, Any]:
+        # In a fresh process every time, as every stack run gets a fresh Engine replica: a second executor
+        # in a warm process ran 8-12 % faster than the first on the dev box (R5.2).
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            return pool.submit(_throughput_in_process, model_dir, jobs, base_tree).result()
+
+    entry["in_process"] = before = in_process()
+    print(loadgen.one_line("throughput c=64 in-process", before), flush=True)
     for name, tree in trees.items():
         overrides = stack_args("transformers", model_dir, args.tree_engine.get(name))
         with serve_app(
@@ -183,9 +196,15 @@ def item_throughput(
         ) as app:
             stack = asyncio.run(run_stack(app.base_url, jobs, 64, 128, app.pids()))
         entry[f"stack[{name}]"] = stack
-        entry[f"ratio[{name}]"] = (
-            stack["output_throughput"] / entry["in_process"]["output_throughput"]
-        )
+        reference = before["output_throughput"]
+        if args.bracket:
+            # The in-process figure drifts by up to 10 % within minutes on a shared machine: each stack
+            # run is compared with the mean of the in-process runs just before and just after it.
+            after = entry[f"in_process@{name}"] = in_process()
+            print(loadgen.one_line(f"throughput c=64 in-process@{name}", after), flush=True)
+            reference = (reference + after["output_throughput"]) / 2
+            before = after
+        entry[f"ratio[{name}]"] = stack["output_throughput"] / reference
         print(
             loadgen.one_line(f"throughput c=64 stack[{name}]", stack),
             f"ratio {entry[f'ratio[{name}]']:.2f}",
@@ -287,6 +306,11 @@ def main() -> None:
     )
     parser.add_argument("--ttft-requests", type=int, default=100)
     parser.add_argument("--throughput-requests", type=int, default=128)
+    parser.add_argument(
+        "--bracket",
+        action="store_true",
+        help="throughput: run in-process again after each tree; ratios use the runs around each tree",
+    )
     parser.add_argument("--ceiling-levels", default="64,128,256")
     parser.add_argument(
         "--ceiling-waves", type=int, default=3, help="requests = waves x concurrency"

@@ -192,15 +192,16 @@ async def measure(base_url: str, model: str, args: argparse.Namespace) -> dict[s
             finally:
                 await short.close()
             results["ttft_c1"] = {"concurrency": 1, **loadgen.summarize(records, duration)}
-        jobs = loadgen.make_jobs(source, args.sessions * 2, args.turn_len, args.turns)
-        records, duration = await loadgen.run_load(
-            backend, jobs, concurrency=args.sessions, source=source
-        )
-        results["multi_turn"] = {
-            "concurrency": args.sessions,
-            "turns": args.turns,
-            **loadgen.summarize(records, duration),
-        }
+        if args.sessions:
+            jobs = loadgen.make_jobs(source, args.sessions * 2, args.turn_len, args.turns)
+            records, duration = await loadgen.run_load(
+                backend, jobs, concurrency=args.sessions, source=source
+            )
+            results["multi_turn"] = {
+                "concurrency": args.sessions,
+                "turns": args.turns,
+                **loadgen.summarize(records, duration),
+            }
     finally:
         await backend.close()
     return results
@@ -237,7 +238,7 @@ def main() -> None:
         "--ttft-requests", type=int, default=0, help="a TTFT-only load: this many requests at c=1"
     )
     parser.add_argument("--ttft-output-len", type=int, default=4)
-    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--sessions", type=int, default=8, help="0: no multi-turn load")
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--turn-len", type=int, default=64)
     parser.add_argument(
