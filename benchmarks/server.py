@@ -114,6 +114,9 @@ def serve_app(
             p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p
         ),
         "SHEPHERD_CACHE_DIR": os.environ.get("SHEPHERD_CACHE_DIR", "/tmp/shepcache"),
+        # With HAProxy, Serve drains the Router replica for 30 s before it stops (for load balancers to
+        # notice); a benchmark's server has no load balancer in front, so it stops in seconds instead.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
         **(env or {}),
     }
     if num_cpus is not None:

@@ -67,6 +67,9 @@ def haproxy_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         # HAProxy's own stats and metrics listeners default to fixed ports: keep clear of other runs.
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        # Serve drains an ingress replica for 30 s by default in this mode (for external load balancers):
+        # the teardown would otherwise wait for it, then kill the run.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }
     with serve_run(config, base_url, workdir / "serve-run.log", env) as process:
         # Serve's own proxy would answer on the same port if the flag were ignored: HAProxy must be there.
