@@ -637,6 +637,7 @@ def main() -> None:
             *("--env-json", args.variant_env.get(variant, "{}")),
         ]
 
+    before = best_tok_s(report.get(f"executor[{best[1]}]", {}).get("levels", []), 64)
     for variant, tree in variants.items():
         if "stack1" in skip or left() < 60:
             report[f"stack1[{variant}]"] = {"skipped": f"{left():.0f}s left"}
@@ -658,6 +659,12 @@ def main() -> None:
             report[key] = run_phase(
                 f"executor:{key}", extra, args, min(120, left() - 30), gpu0, gpu_cores
             )
+            after = best_tok_s(report[key].get("levels", []), 64)
+            stack = best_tok_s(report[f"stack1[{variant}]"].get("levels", []), 64)
+            if before and after and stack:
+                report[f"bracketed_ratio[{variant}]"] = ratio = stack / ((before + after) / 2)
+                print(f"  stack[{variant}] / in-process around it, c=64: {ratio:.3f}", flush=True)
+            before = after
             save()
     if "stack2" not in skip and left() > 70:
         last_variant, last_tree = list(variants.items())[-1]
