@@ -178,7 +178,7 @@ def item_throughput(
 
     def in_process() -> dict[str, Any]:
         # In a fresh process every time, as every stack run gets a fresh Engine replica: a second executor
-        # in a warm process ran 8-12 % faster than the first on the dev box (R5.2).
+        # in a warm process ran 7-12 % faster than the first on the dev box (R5.2).
         spawn = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
             return pool.submit(_throughput_in_process, model_dir, jobs, base_tree).result()

@@ -257,7 +257,7 @@ class RequestGuard:
             await send_error(send, error, retry_after_s=settings.retry_after_s)
             return
         # 3) A chunked (or lying) body is counted as it arrives, and must keep arriving. Once it is complete,
-        # receive() only waits for the client to disconnect (streaming responses): no timeout then.
+        # receive() can only be waiting for the client to disconnect (sse.py): no timeout then.
         num_bytes = 0
         is_body_complete = False
         timeout_s = settings.body_timeout_s

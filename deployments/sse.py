@@ -24,16 +24,23 @@ def encode_error(body: dict[str, object]) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+# Ray Serve's opt-out: with this request header, Serve does not watch for the client leaving.
+_DISCONNECT_DISABLED = (b"x-request-disconnect-disabled", b"?1")
+
+
 class EventStreamResponse(StreamingResponse):
-    """`text/event-stream` that sends straight from its body generator and always closes it.
+    """`text/event-stream` that sends from the handler's own task and always closes its body generator.
 
-    Starlette's own streaming response also runs a second task that waits on `receive()` for the client's
-    disconnect (ASGI spec < 2.4). Under Ray Serve that is redundant: Serve cancels the request's task when
-    the client leaves, with its proxy and with HAProxy alike (tests/e2e: test_cancellation_and_handles,
-    test_haproxy_ingress). Skipping the task group saves a task and a loop turn before the first chunk.
+    Starlette's streaming response runs a second task that waits on `receive()` for the client's disconnect
+    (ASGI spec < 2.4, which both Serve ingresses announce). Under Ray Serve that task is redundant: Serve
+    cancels the request's task when the client leaves, with its proxy and with HAProxy (tests/e2e:
+    test_cancellation_and_handles, test_haproxy_ingress). Skipping it saves a task and a loop turn before the
+    first chunk (benchmarks/RESULTS.md, R5.1). A client that sends Serve's opt-out header still gets
+    Starlette's listener, since nothing else would notice it leave.
 
-    On cancellation the generator is left suspended at its `yield`; its `finally` blocks (cancel the engine
-    request, release a session's turn) would then wait for garbage collection, so it is closed here.
+    Cancelled while `send` waits, the generator is left suspended at its `yield`: its `finally` blocks
+    (cancel the engine request, release a session's turn) would wait for garbage collection, so it is closed
+    here.
     """
 
     def __init__(self, content: Any) -> None:
@@ -41,7 +48,10 @@ class EventStreamResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await self.stream_response(send)
+            if _DISCONNECT_DISABLED in scope.get("headers", ()):
+                await super().__call__(scope, receive, send)
+            else:
+                await self.stream_response(send)
         except BaseException as error:
             logger.info("event stream ended early: %s", type(error).__name__)
             raise

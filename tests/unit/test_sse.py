@@ -1,4 +1,5 @@
-"""The SSE response: what it sends, and that a cancelled stream closes its body generator at once."""
+"""The SSE response: what it sends, who watches for the client leaving, and that a cancelled stream closes
+its body generator at once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 import pytest
 
 from deployments import sse
+
+SCOPE: dict[str, Any] = {"type": "http", "headers": [(b"accept", b"text/event-stream")]}
 
 
 async def _never_receive() -> dict[str, Any]:
@@ -26,7 +29,7 @@ def test_sends_headers_then_each_chunk_then_the_end() -> None:
         sent.append(message)
 
     response = sse.EventStreamResponse(body())
-    asyncio.run(response({"type": "http"}, _never_receive, send))
+    asyncio.run(response(SCOPE, _never_receive, send))
 
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
     assert (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
@@ -34,14 +37,13 @@ def test_sends_headers_then_each_chunk_then_the_end() -> None:
     assert [m.get("more_body") for m in sent[1:]] == [True, True, False]
 
 
-def test_a_cancelled_stream_runs_its_generators_cleanup_before_it_ends() -> None:
+def test_cancelled_while_sending_runs_the_generators_cleanup_before_it_ends() -> None:
     cleaned_up = asyncio.Event()
 
     async def body() -> AsyncGenerator[bytes, None]:
         try:
             yield b"data: first\n\n"
-            await asyncio.sleep(3600)  # waiting for the engine's next token
-            yield b"data: never\n\n"
+            yield b"data: second\n\n"
         finally:
             await asyncio.sleep(0)  # cleanup that itself awaits (releasing a session's turn)
             cleaned_up.set()
@@ -52,13 +54,44 @@ def test_a_cancelled_stream_runs_its_generators_cleanup_before_it_ends() -> None
         async def send(message: dict[str, Any]) -> None:
             if message.get("body"):
                 first_sent.set()
+                await asyncio.Event().wait()  # a slow client: the cancel lands here, mid-send
 
         response = sse.EventStreamResponse(body())
-        task = asyncio.create_task(response({"type": "http"}, _never_receive, send))
+        task = asyncio.create_task(response(SCOPE, _never_receive, send))
         await first_sent.wait()
         task.cancel()  # what Serve does when the client disconnects
         with pytest.raises(asyncio.CancelledError):
             await task
+        assert cleaned_up.is_set()
+
+    asyncio.run(main())
+
+
+def test_with_serves_opt_out_header_the_response_itself_notices_the_client_leave() -> None:
+    cleaned_up = asyncio.Event()
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        try:
+            yield b"data: first\n\n"
+            await asyncio.sleep(3600)  # waiting for the engine's next token
+            yield b"data: never\n\n"
+        finally:
+            cleaned_up.set()
+
+    async def main() -> None:
+        first_sent = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await first_sent.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message.get("body"):
+                first_sent.set()
+
+        scope = {**SCOPE, "headers": [(b"x-request-disconnect-disabled", b"?1")]}
+        response = sse.EventStreamResponse(body())
+        await asyncio.wait_for(response(scope, receive, send), timeout=10)
         assert cleaned_up.is_set()
 
     asyncio.run(main())
