@@ -6,6 +6,7 @@ client that goes away mid-turn."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +24,19 @@ pytestmark = pytest.mark.e2e
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free port below Linux's ephemeral range (32768 and up) and above Ray's worker ports (up to 19999).
+
+    HAProxy binds these only once Serve has started it, seconds later; a port the kernel handed out for
+    port 0 could meanwhile become some client connection's source port, and HAProxy would fail to bind it.
+    """
+    for port in random.sample(range(20000, 30000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-29999")
 
 
 def _haproxy_binary() -> str | None:
