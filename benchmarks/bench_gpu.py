@@ -538,7 +538,7 @@ def main() -> None:
     parser.add_argument(
         "--bracket",
         action="store_true",
-        help="run the executor in-process again (c=64) after each stack variant",
+        help="run the executor in-process again (top stack level only) after each stack variant",
     )
     parser.add_argument(
         "--levels", help="(the executor phase's own) concurrency levels; default: all"
