@@ -1,20 +1,19 @@
-"""Item 5: our stack against peers on the same machine, model and load (OpenAI chat, streaming, greedy).
+"""Our stack against `transformers serve --continuous-batching` (transformers' own OpenAI server, the same
+engine library) on the same machine, model, settings and load: chat, streaming, greedy.
 
-Servers, one at a time on the same cores:
-  shepherd   `serve run serve_config.yaml` (transformers continuous-batching engine) from `--tree`
-  tf-serve   `transformers serve --continuous-batching` (transformers' own OpenAI server, same engine library)
-             with one torch thread, as Ray gives our engine replica (num_cpus 1: OMP_NUM_THREADS=1)
-  tf-serve-default-threads   the same with torch's default thread count
-  llama.cpp  llama-cpp-python's OpenAI server on the same weights converted to GGUF (`--gguf`), if given,
-             one thread (`--n_threads 1`); it decodes one sequence at a time
-Loads: single-turn random prompts at each `--concurrency`, and multi-turn sessions whose history grows by each
-answer (`--turns`); with `--ttft-requests N`, also N answers of `--ttft-output-len` tokens one at a time, for
-TTFT at c=1 from more samples. The model is the embedded one with special tokens silenced, so every answer has
-exactly the requested number of tokens on every server. KV-cache, dtype, attention and CUDA-graph settings are
-the same for both transformers servers (`--device cuda` runs both on one GPU, one at a time).
+Servers, one at a time on the same cores, alternating for `--rounds` rounds:
+  shepherd   `serve run serve_config.yaml` from `--repo`, with the KV-cache, dtype, attention and CUDA-graph
+             settings below
+  tf-serve   `transformers serve --continuous-batching` with the same settings, with `--threads` torch
+             threads (1: what Ray gives our Engine replica with num_cpus 1)
+Loads: single-turn random prompts at each `--levels`; with `--ttft-requests N`, N answers of
+`--ttft-output-len` tokens one at a time (TTFT at c=1 from more samples); and `--sessions` multi-turn
+conversations whose history (sent by the client, as both servers accept) grows by each answer. The model
+never ends an answer early, so every answer has exactly the tokens asked for on both servers.
 
-    python -m benchmarks.bench_peer --tree .bench-tree/fixed --peer-python /tmp/peer-venv/bin/python \
-        --gguf /tmp/shepcache/bench-tiny-noeos.gguf --out benchmarks/results/peer.json
+    python -m benchmarks.bench_peer --out /tmp/peer.json                    # embedded model, CPU
+    python -m benchmarks.bench_peer --device cuda --dtype bfloat16 --cuda-graph --max-batch-tokens 2048 \
+        --model-dir /tmp/llama-1b-shaped --levels 1,16,64 --out /tmp/peer.json
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,19 +34,29 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import loadgen
-from benchmarks.server import kill_session, port_is_free, serve_app
+from benchmarks.common import (
+    BENCH_ENV,
+    BENCH_MODEL,
+    bench_model_dir,
+    json_arg,
+    model_args,
+    new_report,
+    parse_trees,
+    spread,
+    write_report,
+)
+from cluster.local import kill_session, merge, port_is_free, serve_app
 
-NUM_BLOCKS, PAGE_SIZE = 512, 64
+SERVERS = ("shepherd", "tf-serve")
 
 
 @contextlib.contextmanager
 def external_server(
-    command: list[str], base_url: str, *, env: dict[str, str] | None = None
-) -> Iterator[str]:
-    """Any OpenAI server started by a command line; ready once GET /v1/models answers."""
-    port = int(base_url.rsplit(":", 1)[1])
-    if not port_is_free(port):
-        raise RuntimeError(f"port {port} is busy")
+    command: list[str], base_url: str, env: dict[str, str] | None = None
+) -> Iterator[None]:
+    """An OpenAI server started from a command line; ready once GET /v1/models answers; always stopped."""
+    if not port_is_free(int(base_url.rsplit(":", 1)[1])):
+        raise RuntimeError(f"{base_url} is busy")
     log = tempfile.NamedTemporaryFile("w", prefix="peer-", suffix=".log", delete=False)
     process = subprocess.Popen(
         command,
@@ -61,16 +70,14 @@ def external_server(
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"{command[:3]} exited: {Path(log.name).read_text()[-3000:]}")
-            try:
+            with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"{base_url}/v1/models", timeout=2) as response:
                     if response.status == 200:
                         break
-            except OSError:
-                pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{command[:3]} not ready: {Path(log.name).read_text()[-3000:]}")
             time.sleep(0.5)
-        yield base_url
+        yield
     finally:
         process.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -79,131 +86,91 @@ def external_server(
 
 
 @contextlib.contextmanager
-def start(name: str, args: argparse.Namespace, port: int) -> Iterator[tuple[str, str]]:
-    """(base_url, model name to send) of server `name`."""
-    base_url = f"http://127.0.0.1:{port}"
+def start(name: str, args: argparse.Namespace, model_dir: str) -> Iterator[tuple[str, str]]:
+    """(base URL, model name to send) of server `name`, running until the block ends."""
+    base_url = f"http://127.0.0.1:{args.port}"
     if name == "shepherd":
-        gpu = args.device == "cuda"
+        tree = args.trees[0]
         overrides = {
-            "model": {"path": args.model_dir, "served_model_name": "shepherd-tiny"},
-            "engine": {
-                "num_gpus_per_replica": 1 if gpu else 0,
-                **json.loads(args.shepherd_engine),
-                "transformers": {
-                    "device": args.device,
-                    "dtype": args.dtype,
-                    "attn_implementation": "sdpa",
-                    "num_blocks": NUM_BLOCKS,
-                    "page_size": PAGE_SIZE,
-                    "max_batch_tokens": args.max_batch_tokens,
-                    "use_cuda_graph": args.cuda_graph,
-                    **json.loads(args.shepherd_engine).get("transformers", {}),
+            "model": model_args(model_dir),
+            "engine": merge(
+                {
+                    "num_gpus_per_replica": 1 if args.device == "cuda" else 0,
+                    "transformers": {
+                        "device": args.device,
+                        "dtype": args.dtype,
+                        "attn_implementation": "sdpa",
+                        "num_blocks": args.num_blocks,
+                        "page_size": args.page_size,
+                        "max_batch_tokens": args.max_batch_tokens,
+                        "use_cuda_graph": args.cuda_graph,
+                    },
                 },
-            },
+                args.engine_json,
+            ),
         }
-        env = json.loads(args.shepherd_env)
         with serve_app(
-            "serve_config.yaml", port=port, args=overrides, repo=args.tree, env=env
-        ) as app:
-            yield app.base_url, "shepherd-tiny"
-    elif name.startswith("tf-serve"):
+            "serve_config.yaml",
+            port=args.port,
+            args=overrides,
+            repo=tree.path,
+            env={**BENCH_ENV, **args.env},
+        ):
+            yield base_url, BENCH_MODEL
+    elif name == "tf-serve":
         command = [
             args.peer_python,
             "-c",
             "from transformers.cli.transformers import main; main()",
             "serve",
             "--continuous-batching",
-            "--device",
-            args.device,
-            "--dtype",
-            args.dtype,
-            "--attn-implementation",
-            "sdpa",
+            *("--device", args.device, "--dtype", args.dtype, "--attn-implementation", "sdpa"),
             "--cb-use-cuda-graph" if args.cuda_graph else "--no-cb-use-cuda-graph",
-            "--cb-num-blocks",
-            str(NUM_BLOCKS),
-            "--cb-block-size",
-            str(PAGE_SIZE),
-            "--cb-max-batch-tokens",
-            str(args.max_batch_tokens),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            args.model_dir,
+            *("--cb-num-blocks", str(args.num_blocks), "--cb-block-size", str(args.page_size)),
+            *("--cb-max-batch-tokens", str(args.max_batch_tokens)),
+            *("--host", "127.0.0.1", "--port", str(args.port)),
+            model_dir,
         ]
-        env = {} if name == "tf-serve-default-threads" else {"OMP_NUM_THREADS": "1"}
-        with external_server(command, base_url, env=env):
-            yield base_url, args.model_dir
-    elif name == "llama.cpp":
-        command = [
-            args.peer_python,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            args.gguf,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "4096",
-            "--n_threads",
-            "1",
-            "--interrupt_requests",
-            "False",
-        ]
-        with external_server(command, base_url):
-            yield base_url, "tiny"
+        with external_server(command, base_url, env={"OMP_NUM_THREADS": str(args.threads)}):
+            yield base_url, model_dir
     else:
-        raise ValueError(name)
+        raise ValueError(f"unknown server {name!r}")
 
 
-async def measure(base_url: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
-    source = loadgen.PromptSource(args.model_dir, seed=7)
+async def measure(
+    base_url: str, model: str, model_dir: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    source = loadgen.PromptSource(model_dir, seed=args.seed)
     results: dict[str, Any] = {}
     backend = loadgen.OpenAIBackend(base_url, model, endpoint="chat", max_tokens=args.output_len)
+    short = loadgen.OpenAIBackend(base_url, model, endpoint="chat", max_tokens=args.ttft_output_len)
     try:
-        await loadgen.run_load(
-            backend, loadgen.make_jobs(source, 4, args.input_len, 1), concurrency=4
-        )
-        for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        warm = loadgen.make_jobs(source, 4, args.input_len, 1)
+        await loadgen.run_load(backend, warm, concurrency=4, source=source)
+        for concurrency in args.levels:
             jobs = loadgen.make_jobs(
                 source, max(args.min_requests, 2 * concurrency), args.input_len, 1
             )
             records, duration = await loadgen.run_load(
                 backend, jobs, concurrency=concurrency, source=source
             )
-            results[f"single_c{concurrency}"] = {
-                "concurrency": concurrency,
-                **loadgen.summarize(records, duration),
-            }
+            results[f"c={concurrency}"] = loadgen.summarize(records, duration)
         if args.ttft_requests:
-            # TTFT at c=1 with many more samples than the throughput loads give: answers are cut at
-            # `--ttft-output-len` tokens, which leaves the time to the first one unchanged.
-            short = loadgen.OpenAIBackend(
-                base_url, model, endpoint="chat", max_tokens=args.ttft_output_len
-            )
-            try:
-                jobs = loadgen.make_jobs(source, args.ttft_requests, args.input_len, 1)
-                records, duration = await loadgen.run_load(
-                    short, jobs, concurrency=1, source=source
-                )
-            finally:
-                await short.close()
-            results["ttft_c1"] = {"concurrency": 1, **loadgen.summarize(records, duration)}
+            # The time to the first token does not depend on the answer's length: short answers, more samples.
+            jobs = loadgen.make_jobs(source, args.ttft_requests, args.input_len, 1)
+            records, duration = await loadgen.run_load(short, jobs, concurrency=1, source=source)
+            results["c=1 TTFT"] = loadgen.summarize(records, duration)
         if args.sessions:
-            jobs = loadgen.make_jobs(source, args.sessions * 2, args.turn_len, args.turns)
+            jobs = loadgen.make_jobs(source, 2 * args.sessions, args.turn_len, args.turns)
             records, duration = await loadgen.run_load(
                 backend, jobs, concurrency=args.sessions, source=source
             )
-            results["multi_turn"] = {
-                "concurrency": args.sessions,
-                "turns": args.turns,
-                **loadgen.summarize(records, duration),
-            }
+            results[f"{args.sessions} sessions x {args.turns} turns"] = loadgen.summarize(
+                records, duration
+            )
     finally:
         await backend.close()
+        await short.close()
     return results
 
 
@@ -211,56 +178,56 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tree", default=".", help="the code tree of our stack")
+    parser.add_argument("--repo", help="our code tree (another checkout); default: here")
+    parser.add_argument("--model-dir", help="default: the embedded model, special tokens silenced")
+    parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument(
-        "--model-dir", required=True, help="a no-EOS model directory (benchmarks.models)"
+        "--peer-python",
+        default=sys.executable,
+        help="a Python with transformers and its serving extras",
     )
+    parser.add_argument("--threads", type=int, default=1, help="tf-serve's torch threads")
     parser.add_argument(
-        "--peer-python", default=sys.executable, help="a Python with transformers[serving]"
+        "--engine-json", type=json_arg, default={}, help="our engine args, over the shared ones"
     )
-    parser.add_argument("--gguf", help="the same weights as GGUF, for llama-cpp-python's server")
-    parser.add_argument("--servers", default="shepherd,tf-serve,tf-serve-default-threads,llama.cpp")
-    parser.add_argument("--shepherd-engine", default="{}", help="JSON engine args of our stack")
-    parser.add_argument(
-        "--shepherd-env", default="{}", help="JSON env of its `serve run`, e.g. HAProxy ingress"
-    )
+    parser.add_argument("--env", type=json_arg, default={}, help="our `serve run`'s environment")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per server)")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument(
-        "--cuda-graph", action="store_true", help="CUDA graphs in both transformers servers"
-    )
+    parser.add_argument("--cuda-graph", action="store_true", help="CUDA graphs in both servers")
+    parser.add_argument("--num-blocks", type=int, default=512)
+    parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=512)
-    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--levels", default="1,16", help="single-turn closed-loop levels")
     parser.add_argument("--min-requests", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument(
-        "--ttft-requests", type=int, default=0, help="a TTFT-only load: this many requests at c=1"
-    )
+    parser.add_argument("--ttft-requests", type=int, default=0, help="a TTFT load at c=1")
     parser.add_argument("--ttft-output-len", type=int, default=4)
     parser.add_argument("--sessions", type=int, default=8, help="0: no multi-turn load")
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--turn-len", type=int, default=64)
-    parser.add_argument(
-        "--rounds", type=int, default=1, help="alternate the servers this many times"
-    )
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the servers this often")
+    parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--port", type=int, default=8121)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="JSON results path")
     args = parser.parse_args()
-    servers = [s for s in args.servers.split(",") if s != "llama.cpp" or args.gguf]
-    report: dict[str, Any] = {"machine": loadgen.machine_info(), "config": vars(args), "runs": []}
+    args.levels = [int(c) for c in args.levels.split(",")]
+    args.trees = parse_trees([args.repo] if args.repo else [])
+    servers = args.servers.split(",")
+    model_dir = args.model_dir or bench_model_dir()
+    report = new_report(args, args.trees, model_dir=model_dir)
     for round_index in range(args.rounds):
         for name in servers:
             load_before = os.getloadavg()[0]
             try:
-                with start(name, args, args.port) as (base_url, model):
-                    results = asyncio.run(measure(base_url, model, args))
+                with start(name, args, model_dir) as (base_url, model):
+                    results = asyncio.run(measure(base_url, model, model_dir, args))
             except Exception as error:  # one failed server must not lose the others' numbers
-                report["runs"].append(
-                    {"server": name, "round": round_index, "error": repr(error)[:2000]}
-                )
-                print(f"{name}: FAILED {error!r}"[:400], flush=True)
+                print(f"{name}: FAILED {error!r}"[:600], flush=True)
+                report["runs"].append({"server": name, "round": round_index, "error": repr(error)})
                 continue
+            for load, summary in results.items():
+                print(loadgen.one_line(f"r{round_index} {name} {load}", summary), flush=True)
             report["runs"].append(
                 {
                     "server": name,
@@ -270,44 +237,55 @@ def main() -> None:
                     "results": results,
                 }
             )
-            for key, summary in results.items():
-                print(loadgen.one_line(f"r{round_index} {name} {key}", summary), flush=True)
             loadgen.write_json(args.out, report)
-    report["ratios"] = ratios(report["runs"])
-    loadgen.write_json(args.out, report)
-    for line in report["ratios"]:
-        print(line)
+    headers, rows = comparison(report["runs"], servers)
+    title = (
+        f"{args.device}, {args.dtype}, {args.input_len} in / {args.output_len} out (TTFT load: "
+        f"{args.ttft_output_len} out); median [min-max] over {args.rounds} round(s); ratios of medians, "
+        "above 1: shepherd ahead"
+    )
+    write_report(report, args.out, title, headers, rows)
+    print(f"wrote {args.out}")
 
 
-def ratios(runs: list[dict[str, Any]]) -> list[str]:
-    """shepherd / peer output throughput and peer / shepherd TTFT p50 (above 1: we are ahead), per load."""
-    import statistics
+def comparison(runs: list[dict[str, Any]], servers: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Per load: each server's output tokens/s and TTFT p50, and shepherd's lead on both."""
+    loads = list(dict.fromkeys(load for run in runs for load in run.get("results", {})))
 
-    def pooled(server: str, key: str, field: str) -> float | None:
-        values = []
+    def values(server: str, load: str, field: str) -> list[float]:
+        out = []
         for run in runs:
-            summary = run.get("results", {}).get(key) if run["server"] == server else None
+            summary = run.get("results", {}).get(load) if run["server"] == server else None
             if summary:
-                values.append(summary[field]["p50"] if field == "ttft_ms" else summary[field])
-        return statistics.median(values) if values else None
+                out.append(summary[field]["p50"] if field == "ttft_ms" else summary[field])
+        return out
 
-    lines = []
-    keys = sorted({key for run in runs for key in run.get("results", {})})
-    for peer in sorted({run["server"] for run in runs} - {"shepherd"}):
-        for key in keys:
-            ours_tput, peer_tput = (
-                pooled("shepherd", key, "output_throughput"),
-                pooled(peer, key, "output_throughput"),
+    headers = ["load"]
+    for server in servers:
+        headers += [f"{server} tok/s", f"{server} TTFT p50 ms"]
+    peers = [s for s in servers if s != "shepherd"]
+    headers += [f"vs {p}: tok/s, TTFT" for p in peers]
+    rows = []
+    for load in loads:
+        row = [load]
+        for server in servers:
+            row += [
+                spread(values(server, load, "output_throughput")),
+                spread(values(server, load, "ttft_ms")),
+            ]
+        for peer in peers:
+            ours_tok, theirs_tok = (
+                values(s, load, "output_throughput") for s in ("shepherd", peer)
             )
-            ours_ttft, peer_ttft = pooled("shepherd", key, "ttft_ms"), pooled(peer, key, "ttft_ms")
-            if None in (ours_tput, peer_tput, ours_ttft, peer_ttft):
-                continue
-            lines.append(
-                f"vs {peer:<10} {key:<12} throughput x{ours_tput / peer_tput:.2f} "
-                f"({ours_tput:.0f} vs {peer_tput:.0f} tok/s)  TTFT p50 x{peer_ttft / ours_ttft:.2f} "
-                f"({ours_ttft:.1f} vs {peer_ttft:.1f} ms)"
-            )
-    return lines
+            ours_ttft, theirs_ttft = (values(s, load, "ttft_ms") for s in ("shepherd", peer))
+            if ours_tok and theirs_tok and ours_ttft and theirs_ttft:
+                throughput = statistics.median(ours_tok) / statistics.median(theirs_tok)
+                ttft = statistics.median(theirs_ttft) / statistics.median(ours_ttft)
+                row.append(f"{throughput:.2f}x, {ttft:.2f}x")
+            else:
+                row.append("-")
+        rows.append(row)
+    return headers, rows
 
 
 if __name__ == "__main__":

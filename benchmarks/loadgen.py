@@ -18,6 +18,7 @@ import asyncio
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ class RequestRecord:
     itl: list[float] = field(default_factory=list)
     num_output_tokens: int = 0
     num_prompt_tokens: int = 0
+    num_cached_tokens: int | None = (
+        None  # prompt tokens the engine found cached, where usage reports it
+    )
     num_chunks: int = 0
     turn: int = 0
     error: str | None = None
@@ -62,12 +66,18 @@ class PromptSource:
     """Random prompts of a fixed token length, reproducible from a seed.
 
     With a tokenizer directory, ids are drawn from the non-special vocabulary (vLLM's `random` dataset) and the
-    text is their decoding; without one, the text is random words and no ids are known.
+    text is their decoding; without one, the text is random words and no ids are known. Such a decoding
+    usually tokenizes back to more ids than were drawn (about 1.5x for byte-level BPE); `is_round_trip` draws
+    only whole words with their leading space (`Ġword`), so the text of N ids is N ids again, and a prompt
+    sent as text through a server is as long as the same prompt sent as ids to an engine in process.
     """
 
+    _WORD = re.compile(r"^Ġ[a-z]{3,}$")
     _WORDS = "the of and to in is it you that he was for on are with as his they be at one have this".split()
 
-    def __init__(self, tokenizer_dir: str | None, seed: int) -> None:
+    def __init__(
+        self, tokenizer_dir: str | None, seed: int, *, is_round_trip: bool = False
+    ) -> None:
         self._rng = random.Random(seed)
         self._tokenizer: Any = None
         if tokenizer_dir is not None:
@@ -79,6 +89,13 @@ class PromptSource:
             }
             vocab = self._tokenizer.get_vocab()
             self._ids = sorted(i for token, i in vocab.items() if token not in special)
+            if is_round_trip:
+                words = [i for i in self._ids if self._WORD.match(self._tokenizer.id_to_token(i))]
+                self._ids = [
+                    i
+                    for i in words
+                    if self._tokenizer.encode(self._tokenizer.decode([i])).ids == [i]
+                ]
 
     def prompt(self, num_tokens: int) -> tuple[str, list[int] | None]:
         if self._tokenizer is None:
@@ -200,6 +217,9 @@ class OpenAIBackend:
                     if usage:
                         record.num_output_tokens = usage["completion_tokens"]
                         record.num_prompt_tokens = usage["prompt_tokens"]
+                        details = usage.get("prompt_tokens_details") or {}
+                        if details.get("cached_tokens") is not None:
+                            record.num_cached_tokens = details["cached_tokens"]
                     choices = chunk.get("choices") or []
                     piece = None
                     if choices:
@@ -399,6 +419,9 @@ def summarize(
         "itl_ms": _stats([gap for r in ok for gap in r.itl]),
         "e2el_ms": _stats([r.latency for r in ok]),
     }
+    cached = [r.num_cached_tokens for r in ok if r.num_cached_tokens is not None]
+    if cached:
+        summary["num_cached_tokens"] = sum(cached)
     if ttft_slo_ms is not None or tpot_slo_ms is not None:
         summary["goodput"] = {
             "ttft_slo_ms": ttft_slo_ms,

@@ -55,6 +55,16 @@ def no_eos_copy(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
+# What CPU dry runs of the GPU benchmarks build instead (two heads per tensor-parallel rank at TP=2).
+TINY_SHAPE: dict[str, Any] = {
+    "vocab_size": 2048,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 LLAMA_3_2_1B_SHAPE: dict[str, Any] = {
     "vocab_size": 128256,
     "hidden_size": 2048,

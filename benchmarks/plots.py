@@ -1,4 +1,5 @@
-"""PNG plots of concurrency sweeps: TTFT, ITL and output throughput against concurrency, one line per series."""
+"""PNG plots of benchmark results: concurrency sweeps (TTFT, ITL and output throughput against concurrency),
+and sessions (TTFT and prefix hit rate per turn), one line per series."""
 
 from __future__ import annotations
 
@@ -50,6 +51,53 @@ def plot_levels(
     axes[2].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_turns(
+    series: Mapping[str, Mapping[str, Any]], path: str | Path, *, title: str, hit_label: str
+) -> Path:
+    """TTFT p50 (solid) and p90 (dashed) per turn on a log scale, beside the prefix hit rate per turn.
+
+    `series` maps a label to a result with `ttft_ms_per_turn` (turn -> {"p50", "p90"}) and
+    `hit_rate_per_turn` (turn -> a fraction); `hit_label` names where the hit rate comes from.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ttft_axis, hit_axis) = plt.subplots(1, 2, figsize=(12, 4), dpi=80)
+    for label, result in series.items():
+        turns = [int(turn) for turn in result["ttft_ms_per_turn"]]
+        per_turn = list(result["ttft_ms_per_turn"].values())
+        (line,) = ttft_axis.plot(turns, [t["p50"] for t in per_turn], marker="o", label=label)
+        ttft_axis.plot(
+            turns, [t["p90"] for t in per_turn], ls="--", marker="x", color=line.get_color()
+        )
+        hit_axis.plot(
+            turns,
+            list(result["hit_rate_per_turn"].values()),
+            marker="o",
+            label=label,
+            color=line.get_color(),
+        )
+    ttft_axis.set_yscale("log")
+    ttft_axis.set_xlabel("turn")
+    ttft_axis.set_ylabel("TTFT (ms): p50 solid, p90 dashed")
+    hit_axis.set_xlabel("turn")
+    hit_axis.set_ylabel(hit_label)
+    hit_axis.set_ylim(0, 1)
+    for axis in (ttft_axis, hit_axis):
+        axis.grid(alpha=0.3)
+    hit_axis.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,16 +9,26 @@ import os
 from collections.abc import Sequence
 from typing import ClassVar
 
-from deployments.errors import ServingError
+from deployments.errors import AuthenticationError
 
 logger = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
+# Where the ASGI guard leaves the request's key digest (`scope["state"]`, Starlette's `request.state`).
+SCOPE_KEY_DIGEST = "shepherd_key_digest"
 
 
-class AuthenticationError(ServingError):
-    status_code = 401
-    error_type = "authentication_error"
+def _bearer(authorization: str | None) -> bytes:
+    if not authorization:
+        return b""
+    scheme, _, value = authorization.partition(" ")
+    return value.strip().encode() if scheme.lower() == "bearer" else b""
+
+
+def key_digest(authorization: str | None) -> str | None:
+    """A stable, non-reversible id of the bearer key (None without one); the key itself is never kept."""
+    key = _bearer(authorization)
+    return hashlib.sha256(key).hexdigest()[:24] if key else None
 
 
 class ApiKeys:
@@ -39,8 +49,11 @@ class ApiKeys:
     def is_open(self) -> bool:
         return not self._keys
 
-    def owner_of(self, authorization: str | None) -> str:
-        """The owner id for an `Authorization: Bearer <key>` header (a hash: keys are never stored)."""
+    def owner_of(self, authorization: str | None, *, digest: str | None = None) -> str:
+        """The owner id for an `Authorization: Bearer <key>` header (a hash: keys are never stored).
+
+        `digest` is the key's `key_digest` when the caller already has it (the HTTP guard computed it).
+        """
         if self.is_open:
             return ANONYMOUS
         key = _bearer(authorization)
@@ -52,11 +65,4 @@ class ApiKeys:
             raise AuthenticationError(
                 "a valid API key is required (Authorization: Bearer <key>)", code="invalid_api_key"
             )
-        return "key_" + hashlib.sha256(key).hexdigest()[:24]
-
-
-def _bearer(authorization: str | None) -> bytes:
-    if not authorization:
-        return b""
-    scheme, _, value = authorization.partition(" ")
-    return value.strip().encode() if scheme.lower() == "bearer" else b""
+        return "key_" + (digest or hashlib.sha256(key).hexdigest()[:24])

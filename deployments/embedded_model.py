@@ -12,6 +12,7 @@ import random
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -68,12 +69,18 @@ def embedded_model_dir(cache_dir: Path | None = None, seed: int = DEFAULT_SEED) 
 
 
 def ensure_embedded_model(cache_dir: Path | None = None, seed: int = DEFAULT_SEED) -> Path:
-    """Returns the model directory, building it first if no complete build is cached.
+    """Returns the model directory, building it first if no complete build is cached."""
+    return build_once(
+        embedded_model_dir(cache_dir, seed), lambda staging: build_embedded_model(staging, seed)
+    )
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Returns `target`, first running `build(staging_dir)` unless a complete build (a config.json) is there.
 
     Safe to call from several processes at once: a file lock serialises builders and the finished
     directory appears atomically (rename), so readers never see a half-written model.
     """
-    target = embedded_model_dir(cache_dir, seed)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +90,7 @@ def ensure_embedded_model(cache_dir: Path | None = None, seed: int = DEFAULT_SEE
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            build_embedded_model(staging, seed=seed)
+            build(staging)
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

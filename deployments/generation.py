@@ -7,17 +7,13 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
-
 from deployments.detokenizer import IncrementalDetokenizer
-from deployments.errors import EngineDead, EngineError, OverloadedError, ServingError
+from deployments.errors import EngineError, ServingError
 from deployments.messages import FinishReason, GenerateRequest, TokenDelta
-from deployments.protocol import Usage
 
 if TYPE_CHECKING:
-    from deployments.engine_client import EngineClient, EngineStream
     from deployments.metrics import RequestMetrics
+    from deployments.transport.client import EngineClient, EngineStream
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +28,10 @@ class TextEvent:
     finish_reason: OpenAIFinish | None = None
 
 
-def to_serving_error(error: BaseException) -> ServingError:
-    """Errors raised by the engine replica arrive wrapped by Ray; recover ours, name the rest."""
+def _serving_error(error: Exception) -> ServingError:
+    # Both engine paths raise our errors already (transport/); anything else is a bug worth naming.
     if isinstance(error, ServingError):
         return error
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, ServingError):
-        return cause
-    if isinstance(error, BackPressureError):
-        # Serve's queue for the engine is full (engine.max_queued_requests): a 503 to retry, not a 500.
-        return OverloadedError("the engine is at capacity; retry shortly", code="engine_overloaded")
-    if isinstance(error, ActorDiedError | ActorUnavailableError | RayActorError):
-        return EngineDead(f"the engine replica became unavailable: {type(error).__name__}")
     return EngineError(f"the engine failed: {type(error).__name__}: {error}")
 
 
@@ -77,7 +65,11 @@ class Generation:
         self._first: TokenDelta | None = None
         self._is_done = False
         self.completion_token_ids: list[int] = []
+        # Prompt tokens whose KV the engine reused, as its first delta reports them.
+        self.num_cached_tokens = 0
         self.logprobs: list[float] = []
+        # Per token, the most likely (token id, logprob) pairs, when the request asked for them.
+        self.top_logprobs: list[list[tuple[int, float]]] = []
         self._num_logprobs_taken = 0
         self.text = ""
         self.is_finished = False
@@ -91,12 +83,6 @@ class Generation:
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_token_ids)
 
-    def usage(self) -> Usage:
-        prompt, completion = self.num_prompt_tokens, self.num_completion_tokens
-        return Usage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-        )
-
     async def start(self) -> None:
         try:
             self._stream = await self._engine.open(self.request)
@@ -109,7 +95,7 @@ class Generation:
             self._is_done = True
             self._finish("error")
             if isinstance(error, Exception):
-                raise to_serving_error(error) from error
+                raise _serving_error(error) from error
             raise
 
     async def events(self) -> AsyncGenerator[TextEvent, None]:
@@ -144,7 +130,7 @@ class Generation:
         except Exception as error:
             self._is_done = True
             self._finish("error")
-            raise to_serving_error(error) from error
+            raise _serving_error(error) from error
 
     def _finish(self, finish_reason: str) -> None:
         if self._observer is not None:
@@ -152,22 +138,29 @@ class Generation:
                 finish_reason,
                 num_prompt_tokens=self.num_prompt_tokens,
                 num_completion_tokens=self.num_completion_tokens,
+                num_cached_tokens=self.num_cached_tokens,
             )
 
-    def take_logprobs(self) -> list[tuple[int, float]]:
-        """(token id, logprob) pairs not taken yet: streamed chunks carry those of their own tokens."""
+    def take_logprobs(self) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """(token id, logprob, most likely alternatives) not taken yet: streamed chunks carry those of their
+        own tokens. The alternatives are empty unless the request asked for `num_top_logprobs`."""
         start, end = self._num_logprobs_taken, len(self.logprobs)
         self._num_logprobs_taken = end
+        tops = self.top_logprobs[start:end]
+        tops += [[] for _ in range(end - start - len(tops))]
         return list(
-            zip(self.completion_token_ids[start:end], self.logprobs[start:end], strict=True)
+            zip(self.completion_token_ids[start:end], self.logprobs[start:end], tops, strict=True)
         )
 
     def _consume(self, delta: TokenDelta) -> TextEvent | None:
         self.completion_token_ids.extend(delta.token_ids)
+        self.num_cached_tokens = self.num_cached_tokens or delta.num_cached_tokens
         if self._observer is not None:
             self._observer.on_tokens(len(delta.token_ids))
         if delta.logprobs is not None:
             self.logprobs.extend(delta.logprobs)
+        if delta.top_logprobs is not None:
+            self.top_logprobs.extend(delta.top_logprobs)
         text = self._detokenizer.feed(delta.token_ids)
         if self._detokenizer.is_stopped:
             self._finish("stop")

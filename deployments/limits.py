@@ -9,23 +9,32 @@
 - past `max_in_flight_per_key` requests of one API key: 429 `rate_limit_error` with `Retry-After`.
 
 A limit never waits: the only queues are Serve's, bounded by `max_queued_requests`. Keys are only ever held
-as a hash. `error_response` is the single place that turns a `ServingError` into an HTTP answer, adding
-`Retry-After` to every 429/503 that is worth retrying.
+as a hash, computed once per request here and left in the ASGI scope (`SCOPE_KEY_DIGEST`) for the Router.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import re
+import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from deployments import metrics
-from deployments.errors import OverloadedError, RequestError, ServingError, to_error_body
+from deployments.auth import SCOPE_KEY_DIGEST, key_digest
+from deployments.errors import (
+    KeyConcurrencyExceeded,
+    OverloadedError,
+    PayloadTooLarge,
+    RequestError,
+    RequestTimeout,
+    ServingError,
+    error_headers,
+    to_error_body,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -35,34 +44,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_JSON_DEPTH = 64
-# Refusals by their error code, for `shepherd_rejected_requests_total{reason}`.
-_REJECTION_REASONS = {
-    "request_too_large": "body_too_large",
-    "server_overloaded": "replica_full",
-    "concurrency_limit_exceeded": "key_limit",
-    "engine_overloaded": "engine_full",
-}
-
-
-class PayloadTooLarge(RequestError):
-    status_code = 413
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message, param=param, code=code or "request_too_large")
-
-
-class RequestTimeout(RequestError):
-    status_code = 408
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message, param=param, code=code or "request_timeout")
-
-
-class KeyConcurrencyExceeded(ServingError):
-    """429: one API key has too many requests in flight; retry after `retry_after_s`."""
-
-    status_code = 429
-    error_type = "rate_limit_error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,55 +57,14 @@ class LimitSettings:
     exempt_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health", "/metrics"}))
 
 
-def retry_after_header(error: ServingError, default_s: float = 1.0) -> dict[str, str]:
-    """`Retry-After` (whole seconds, at least 1) for errors a client should retry: 503s and the key limit."""
-    if error.status_code == 503 or isinstance(error, KeyConcurrencyExceeded):
-        seconds = getattr(error, "retry_after_s", None) or default_s
-        return {"retry-after": str(max(1, math.ceil(seconds)))}
-    return {}
-
-
-def _count_rejection(error: ServingError) -> None:
-    reason = _REJECTION_REASONS.get(str(error.code))
-    if reason is None and error.status_code == 503:
-        reason = "engine_unavailable"
-    if reason is not None:
-        metrics.REJECTIONS.inc(1, {"reason": reason})
-
-
-def error_response(error: ServingError, *, retry_after_s: float = 1.0) -> Any:
-    """The OpenAI-shaped JSON answer for `error`, as a Starlette response (the router's exception handler)."""
-    from starlette.responses import JSONResponse
-
-    _count_rejection(error)
-    return JSONResponse(
-        to_error_body(error),
-        status_code=error.status_code,
-        headers=retry_after_header(error, retry_after_s),
-    )
-
-
 async def send_error(send: Send, error: ServingError, *, retry_after_s: float = 1.0) -> None:
     """Answers with `error` straight from ASGI (before the app has seen the request)."""
-    _count_rejection(error)
+    metrics.count_rejection(error)
     body = json.dumps(to_error_body(error)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [
-        (k.encode(), v.encode()) for k, v in retry_after_header(error, retry_after_s).items()
-    ]
+    headers += [(k.encode(), v.encode()) for k, v in error_headers(error, retry_after_s).items()]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def key_id(authorization: str | None) -> str | None:
-    """A stable, non-reversible id of the bearer key (None without one); the key itself is never kept."""
-    if not authorization:
-        return None
-    scheme, _, value = authorization.partition(" ")
-    value = value.strip()
-    if scheme.lower() != "bearer" or not value:
-        return None
-    return hashlib.sha256(value.encode()).hexdigest()[:24]
 
 
 class Permit:
@@ -167,21 +107,19 @@ class ConcurrencyLimiter:
     def acquire(self, key: str | None) -> Permit:
         """Raises OverloadedError (503) when the replica is full, KeyConcurrencyExceeded (429) for the key."""
         if self.max_in_flight is not None and self.num_in_flight >= self.max_in_flight:
-            error = OverloadedError(
+            raise OverloadedError(
                 f"the server is at capacity ({self.max_in_flight} requests in flight); retry shortly",
                 code="server_overloaded",
+                retry_after_s=self.retry_after_s,
             )
-            error.retry_after_s = self.retry_after_s  # type: ignore[attr-defined]
-            raise error
         if key is not None and self.max_in_flight_per_key is not None:
             if self._per_key.get(key, 0) >= self.max_in_flight_per_key:
-                limit_error = KeyConcurrencyExceeded(
+                raise KeyConcurrencyExceeded(
                     f"this API key already has {self.max_in_flight_per_key} requests in flight; "
                     "wait for one to finish",
                     code="concurrency_limit_exceeded",
+                    retry_after_s=self.retry_after_s,
                 )
-                limit_error.retry_after_s = self.retry_after_s  # type: ignore[attr-defined]
-                raise limit_error
         self.num_in_flight += 1
         if key is not None:
             self._per_key[key] = self._per_key.get(key, 0) + 1
@@ -251,8 +189,10 @@ class RequestGuard:
                 await send_error(send, _too_large(cap))
                 return
         # 2) Admission: answer at once when full (no queue of our own).
+        digest = key_digest(_text(headers.get(b"authorization")))
+        scope.setdefault("state", {})[SCOPE_KEY_DIGEST] = digest
         try:
-            permit = self.limiter.acquire(key_id(_text(headers.get(b"authorization"))))
+            permit = self.limiter.acquire(digest)
         except ServingError as error:
             await send_error(send, error, retry_after_s=settings.retry_after_s)
             return
@@ -312,16 +252,40 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 def parse_json(raw: bytes) -> Any:
     """Decodes a request body, refusing (400) what would fail later in the pipeline rather than here:
-    nesting deeper than MAX_JSON_DEPTH (json.loads itself raises RecursionError near 1,000 levels, and
-    templates re-serialise tools) and unpaired UTF-16 surrogates (`"\\ud800"`), which tokenizers and
-    UTF-8 encoders reject.
+
+    - bytes that are not valid UTF-8 (or the UTF-16/32 a BOM-less JSON text may use): `json.loads(bytes)`
+      decodes with `surrogatepass`, so raw surrogate bytes (ED A0 80) would pass and break tokenizers,
+      UTF-8 encoders and the response serialiser later;
+    - unpaired UTF-16 surrogate escapes (`"\\ud800"`), for the same reason;
+    - integers longer than Python's int-string limit (`ValueError: Exceeds the limit (4300 digits)`);
+    - NaN, Infinity and numbers that overflow to infinity: not JSON (RFC 8259), and a schema that stored
+      one would echo it as `null`;
+    - nesting deeper than MAX_JSON_DEPTH (json.loads itself raises RecursionError near 1,000 levels, and
+      templates re-serialise tools).
     """
+    encoding = json.detect_encoding(raw)
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise RequestError(
+            f"the request body is not valid JSON: it is not valid {error.encoding.upper()} at byte "
+            f"{error.start} ({error.reason})"
+        ) from None
+    try:
+        body = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as error:
         raise RequestError(f"the request body is not valid JSON: {error}") from None
+    except _NonFiniteConstant as error:
+        raise _non_finite(text, error.name) from None
     except RecursionError:
         raise _too_deep() from None
+    except ValueError as error:
+        if "integer string conversion" not in str(error):
+            raise
+        raise RequestError(
+            "the request body is not valid JSON: it has an integer of more than "
+            f"{sys.get_int_max_str_digits()} digits"
+        ) from None
     # Both walks are skipped (C-speed scans) for the usual body that cannot have the problem.
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(body) > MAX_JSON_DEPTH:
         raise _too_deep()
@@ -330,6 +294,40 @@ def parse_json(raw: bytes) -> Any:
             "the request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)"
         )
     return body
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFiniteConstant(name)
+
+
+class _NonFiniteConstant(ValueError):
+    """NaN or Infinity in a body: json.loads does not say under which key, so the caller looks for it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+# `"key": NaN` (or -Infinity): the field a client's serializer wrote a non-finite float into.
+_CONSTANT_KEY = re.compile(r'"((?:[^"\\]|\\.){1,128})"\s*:\s*-?(?:NaN|Infinity)\b')
+
+
+def _non_finite(text: str, name: str) -> RequestError:
+    found = _CONSTANT_KEY.search(text)
+    field = found.group(1) if found else None
+    where = f"{field}: " if field else ""
+    return RequestError(
+        f"{where}{name} is not a JSON number (the request body is not valid JSON)", param=field
+    )
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestError(
+            f"the request body is not valid JSON: the number {text[:40]} overflows a 64-bit float"
+        )
+    return value
 
 
 def _too_deep() -> RequestError:

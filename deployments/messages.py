@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass, field
+from typing import Literal
 
 _SAMPLING_EPS = 1e-5
 
@@ -29,12 +31,33 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's `logit_bias`, sorted by id).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def is_greedy(self) -> bool:
         # Temperatures below vLLM's sampling epsilon mean greedy: dividing logits by a subnormal gives inf,
         # and one such request would poison the whole batch's sampling step.
         return self.temperature < _SAMPLING_EPS or self.top_k == 1
+
+
+GuidedDecodingKind = Literal["json_object", "json_schema", "regex", "lark"]
+GUIDED_DECODING_KINDS: tuple[GuidedDecodingKind, ...] = (
+    "json_object",
+    "json_schema",
+    "regex",
+    "lark",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GuidedDecodingSpec:
+    """What the output must match: a JSON object (`grammar` empty), a JSON Schema, a regular expression, or a
+    Lark grammar in llguidance's dialect (`%json{...}` embeds a schema, `<[id]>` names a token). The router
+    validated it; engines compile it with their grammar backend (TensorRT-LLM's `GuidedDecodingParams`)."""
+
+    kind: GuidedDecodingKind
+    grammar: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,16 +87,25 @@ class GenerateRequest:
     return_logprobs: bool = False
     session_id: str | None = None
     retention: RetentionRange | None = None
+    # With `return_logprobs`: also the most likely tokens at each step, with their logprobs (at most 20).
+    num_top_logprobs: int = 0
+    guided_decoding: GuidedDecodingSpec | None = None
 
 
 @dataclass(slots=True)
 class TokenDelta:
-    """New tokens since the previous delta of the same request; the last delta has a `finish_reason`."""
+    """New tokens since the previous delta of the same request; the last delta has a `finish_reason`.
+
+    `logprobs` are the sampled tokens' (model distribution, before penalties and temperature); `top_logprobs`
+    hold, per token, the `num_top_logprobs` most likely (token id, logprob) pairs, most likely first.
+    """
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     logprobs: list[float] | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV the engine reused (first delta only)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def is_final(self) -> bool:
@@ -84,8 +116,11 @@ class TokenDelta:
         self.token_ids.extend(later.token_ids)
         if later.logprobs is not None:
             self.logprobs = (self.logprobs or []) + later.logprobs
+        if later.top_logprobs is not None:
+            self.top_logprobs = (self.top_logprobs or []) + later.top_logprobs
         self.finish_reason = later.finish_reason
         self.num_prompt_tokens = self.num_prompt_tokens or later.num_prompt_tokens
+        self.num_cached_tokens = self.num_cached_tokens or later.num_cached_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +133,14 @@ class EngineCapabilities:
     supports_penalties: bool = False
     supports_min_tokens: bool = False
     supports_logprobs: bool = False
+    supports_logit_bias: bool = False
+    # Up to how many most likely tokens per step (`top_logprobs`); 0: only the sampled token's logprob.
+    max_top_logprobs: int = 0
+    # The guided-decoding kinds the engine enforces (none: `response_format`, forced tool calls and
+    # `structured_outputs` get a 400).
+    guided_decoding_kinds: tuple[GuidedDecodingKind, ...] = ()
+    # Appended to the 400 for what this engine cannot do (the setting that would enable it).
+    unsupported_hint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,3 +155,61 @@ class ExecutorStats:
     num_generated_tokens: int
     kv_cache_usage: float | None = None
     prefix_cache_hit_rate: float | None = None
+    # Prompt tokens whose KV was reused / computed since start (None: the engine does not say).
+    num_cached_prompt_tokens: int | None = None
+    num_uncached_prompt_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """One Engine replica as an operator sees it (`Engine.stats`): its executor and its direct channel."""
+
+    replica_id: str
+    executor: ExecutorStats
+    channel_address: str | None
+    num_channel_streams_served: int
+    num_channel_streams_active: int
+
+
+class DeltaCollector:
+    """A one-slot mailbox per request: deltas merge while the consumer lags, so memory stays bounded
+    and the consumer always receives everything ready in one item (no batching timer).
+
+    After the first item, the consumer is woken only once `stream_interval_tokens` tokens are waiting
+    (vLLM's and TensorRT-LLM's stream interval; a count, never a timer), or on the final delta or an error.
+    Every item crossing a process hop costs CPU on both sides, so fewer, larger items raise the tokens/s a
+    replica sustains. Both ends use it: the executor per request, and the router per channel stream.
+    """
+
+    __slots__ = ("_error", "_event", "_interval", "_pending", "_threshold")
+
+    def __init__(self, stream_interval_tokens: int = 1) -> None:
+        self._pending: TokenDelta | None = None
+        self._error: BaseException | None = None
+        self._event = asyncio.Event()
+        self._interval = stream_interval_tokens
+        self._threshold = 1  # the first token goes at once: TTFT does not change
+
+    def put(self, delta: TokenDelta) -> None:
+        if self._pending is None:
+            self._pending = delta
+        else:
+            self._pending.merge(delta)
+        if self._pending.is_final or len(self._pending.token_ids) >= self._threshold:
+            self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    async def get(self) -> TokenDelta:
+        await self._event.wait()
+        # An error stays signalled: the delta that arrived before it is returned first, then the error.
+        if self._error is None:
+            self._event.clear()
+        if self._pending is not None:
+            delta, self._pending = self._pending, None
+            self._threshold = self._interval
+            return delta
+        assert self._error is not None
+        raise self._error

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 import logging
 import threading
 import time
@@ -23,9 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 logger = logging.getLogger(__name__)
-# A child of Serve's logger: inside a replica its records reach Serve's handlers (the replica log file, with
-# Serve's request id; JSON when the deployment's logging_config says so) at INFO. Others default to WARNING.
-access_logger = logging.getLogger("ray.serve.shepherd.access")
 
 MetricKind = Literal["counter", "gauge", "histogram"]
 # Router latencies (TTFT, end to end) span 5 ms .. minutes; ITL spans 1 ms .. seconds (vLLM's buckets).
@@ -214,6 +210,11 @@ E2E = _histogram(
 PROMPT_TOKENS = _counter(
     "shepherd_prompt_tokens_total", "Prompt tokens of finished generations.", "route"
 )
+CACHED_PROMPT_TOKENS = _counter(
+    "shepherd_cached_prompt_tokens_total",
+    "Prompt tokens of finished generations whose KV the engine reused (its prefix cache).",
+    "route",
+)
 COMPLETION_TOKENS = _counter("shepherd_completion_tokens_total", "Tokens generated.", "route")
 IN_FLIGHT = _gauge(
     "shepherd_requests_in_flight", "HTTP requests this router replica is working on."
@@ -226,6 +227,15 @@ SESSION_TURNS = _counter(
 )
 EVICTED_MESSAGES = _counter(
     "shepherd_session_evicted_messages_total", "Messages evicted to fit the context window."
+)
+ENGINE_STREAMS = _counter(
+    "shepherd_engine_streams_total",
+    "Engine streams this router replica opened, by path: direct (the engine channel) or serve_handle.",
+    "transport",
+)
+ENGINE_DIRECT_REPLICAS = _gauge(
+    "shepherd_engine_direct_replicas",
+    "Engine replicas this router replica reaches over their channel.",
 )
 TEMPLATE_BREAKS = _counter(
     "shepherd_session_template_breaks_total",
@@ -251,12 +261,36 @@ ENGINE_REQUESTS = _counter(
     "event",
 )
 ENGINE_TOKENS = _counter("shepherd_engine_generated_tokens_total", "Tokens the executor generated.")
+ENGINE_PROMPT_TOKENS = _counter(
+    "shepherd_engine_prompt_tokens_total",
+    "Prompt tokens the executor admitted, by whether their KV was reused from its prefix cache "
+    "(cached) or computed (uncached).",
+    "cache",
+)
+
+
+# Refusals by their error code, for `shepherd_rejected_requests_total{reason}`.
+_REJECTION_REASONS = {
+    "request_too_large": "body_too_large",
+    "server_overloaded": "replica_full",
+    "concurrency_limit_exceeded": "key_limit",
+    "engine_overloaded": "engine_full",
+}
+
+
+def count_rejection(error: Any) -> None:
+    """Counts a refused request (a `ServingError` about to be answered) by its reason, if it is one."""
+    reason = _REJECTION_REASONS.get(str(error.code))
+    if reason is None and error.status_code == 503:
+        reason = "engine_unavailable"
+    if reason is not None:
+        REJECTIONS.inc(1, {"reason": reason})
 
 
 # ---- per-request records -----------------------------------------------------------------------------
 @dataclass(slots=True)
 class RequestRecord:
-    """What the access log line of one HTTP request says; filled by the middleware and the generation."""
+    """What the access log line of one request says (`access_log.py`); filled by the generation too."""
 
     request_id: str
     method: str
@@ -269,26 +303,6 @@ class RequestRecord:
     ttft_s: float | None = None
     session_id: str | None = None
 
-    def log_fields(self, duration_s: float) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "event": "request",
-            "request_id": self.request_id,
-            "method": self.method,
-            "route": self.route,
-            "status": self.status,
-            "duration_ms": round(duration_s * 1000, 2),
-        }
-        if self.finish_reason is not None:
-            fields.update(
-                finish_reason=self.finish_reason,
-                ttft_ms=None if self.ttft_s is None else round(self.ttft_s * 1000, 2),
-                prompt_tokens=self.num_prompt_tokens,
-                completion_tokens=self.num_completion_tokens,
-            )
-        if self.session_id is not None:
-            fields["session_id"] = self.session_id
-        return fields
-
 
 _current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
     "shepherd_request", default=None
@@ -296,21 +310,28 @@ _current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
 
 
 def current_request() -> RequestRecord | None:
-    """The HTTP request this task serves (set by `RequestObserver`), if any."""
+    """The request this task serves (set by the access log, for HTTP and handle calls), if any."""
     return _current.get()
 
 
-def log_request(fields: Mapping[str, Any]) -> None:
-    """One structured line per request: ids, route, status, timings, token counts; never keys or text."""
-    access_logger.info(json.dumps(fields, separators=(",", ":")))
+def enter_request(record: RequestRecord) -> contextvars.Token[RequestRecord | None]:
+    """Makes `record` the current request of this task (and of the tasks it starts)."""
+    return _current.set(record)
+
+
+def leave_request(token: contextvars.Token[RequestRecord | None]) -> None:
+    try:
+        _current.reset(token)
+    except ValueError:  # an async generator closed from another context (garbage collection)
+        _current.set(None)
 
 
 class RequestMetrics:
     """One generation seen from the router: TTFT, ITL, end-to-end latency, tokens, and how it finished.
 
     The generation calls `on_tokens` for every delta it consumes and `on_finish` once (later calls are
-    ignored, so "cancelled" from a close after a clean finish changes nothing). Times start at the HTTP
-    request's arrival when there is one (queueing in the router counts), else at construction.
+    ignored, so "cancelled" from a close after a clean finish changes nothing). Times start at the
+    request's arrival when there is a current request (queueing in the router counts), else at construction.
     """
 
     __slots__ = ("_finished", "_last_token_at", "_record", "route", "session_id", "started_at")
@@ -343,7 +364,12 @@ class RequestMetrics:
         self._last_token_at = now
 
     def on_finish(
-        self, finish_reason: str, *, num_prompt_tokens: int, num_completion_tokens: int
+        self,
+        finish_reason: str,
+        *,
+        num_prompt_tokens: int,
+        num_completion_tokens: int,
+        num_cached_tokens: int = 0,
     ) -> None:
         if self._finished:
             return
@@ -351,6 +377,7 @@ class RequestMetrics:
         tags = {"route": self.route}
         FINISHES.inc(1, {"route": self.route, "finish_reason": finish_reason})
         PROMPT_TOKENS.inc(num_prompt_tokens, tags)
+        CACHED_PROMPT_TOKENS.inc(num_cached_tokens, tags)
         COMPLETION_TOKENS.inc(num_completion_tokens, tags)
         if finish_reason not in ("error", "cancelled"):
             E2E.observe(time.monotonic() - self.started_at, tags)
@@ -361,21 +388,6 @@ class RequestMetrics:
             record.finish_reason = finish_reason
             record.num_prompt_tokens = num_prompt_tokens
             record.num_completion_tokens = num_completion_tokens
-        else:  # a Python-handle call: no HTTP middleware will log it
-            fields: dict[str, Any] = {
-                "event": "generation",
-                "route": self.route,
-                "finish_reason": finish_reason,
-                "prompt_tokens": num_prompt_tokens,
-                "completion_tokens": num_completion_tokens,
-                "duration_ms": round((time.monotonic() - self.started_at) * 1000, 2),
-            }
-            request_id = _serve_request_id()
-            if request_id:
-                fields["request_id"] = request_id
-            if self.session_id is not None:
-                fields["session_id"] = self.session_id
-            log_request(fields)
 
 
 class _UpDown:
@@ -394,16 +406,6 @@ class _UpDown:
 
 _sessions_in_progress = _UpDown(ACTIVE_SESSIONS)
 requests_in_flight = _UpDown(IN_FLIGHT)
-
-
-def _serve_request_id() -> str | None:
-    try:
-        from ray.serve import context
-
-        request_id: str = context._get_serve_request_context().request_id
-        return request_id or None
-    except Exception:
-        return None
 
 
 # ---- cumulative counters polled from elsewhere -------------------------------------------------------
@@ -440,6 +442,12 @@ class EngineMetrics:
         ):
             ENGINE_REQUESTS.inc(self._deltas.delta(event, total), {"event": event})
         ENGINE_TOKENS.inc(self._deltas.delta("tokens", stats.num_generated_tokens))
+        for cache, total in (
+            ("cached", stats.num_cached_prompt_tokens),
+            ("uncached", stats.num_uncached_prompt_tokens),
+        ):
+            if total is not None:
+                ENGINE_PROMPT_TOKENS.inc(self._deltas.delta(cache, total), {"cache": cache})
 
 
 class SessionMetrics:
@@ -460,6 +468,21 @@ class SessionMetrics:
         TEMPLATE_BREAKS.inc(d("breaks", counters.get("num_template_breaks", 0)))
 
 
+class EngineStreamMetrics:
+    """The engine client's counters (`EngineClient.stats()`) as Prometheus series."""
+
+    def __init__(self) -> None:
+        self._deltas = CounterDeltas()
+
+    def update(self, stats: Mapping[str, int]) -> None:
+        for transport, key in (
+            ("direct", "num_direct_streams"),
+            ("serve_handle", "num_handle_streams"),
+        ):
+            ENGINE_STREAMS.inc(self._deltas.delta(key, stats.get(key, 0)), {"transport": transport})
+        ENGINE_DIRECT_REPLICAS.set(stats.get("num_direct_replicas", 0))
+
+
 def start_polling(update: Callable[[], None], *, interval_s: float = 1.0) -> asyncio.Task[None]:
     """Calls `update()` every `interval_s` on the running loop until the task is cancelled (replica exit)."""
 
@@ -472,90 +495,3 @@ def start_polling(update: Callable[[], None], *, interval_s: float = 1.0) -> asy
             await asyncio.sleep(interval_s)
 
     return asyncio.get_running_loop().create_task(poll(), name="shepherd-metrics")
-
-
-# ---- the HTTP middleware -----------------------------------------------------------------------------
-_SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
-_MAX_ID_LEN = 128
-
-
-def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's `X-Request-Id` (Serve's proxy sets one when absent), unless it is unsafe to log as is."""
-    for name, value in headers:
-        if name.lower() == b"x-request-id":
-            text = value.decode("latin-1")
-            if 0 < len(text) <= _MAX_ID_LEN and set(text) <= _SAFE_ID:
-                return text
-            break
-    return _serve_request_id() or f"req-{time.time_ns():x}"
-
-
-_KNOWN_PATHS = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/models",
-        "/v1/sessions",
-        "/health",
-        "/metrics",
-        "/openapi.json",
-    }
-)
-
-
-def route_of(scope: Mapping[str, Any]) -> str:
-    """The matched route's template (never the raw path: ids in paths would make unbounded label sets)."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
-    raw = str(scope.get("path", ""))
-    if raw in _KNOWN_PATHS:
-        return raw
-    if raw.startswith("/v1/sessions/"):
-        return "/v1/sessions/{session_id}"
-    return "unmatched"
-
-
-class RequestObserver:
-    """ASGI middleware: request id, status counts, in-flight gauge and one access-log line per HTTP request.
-
-    It is outermost, so it also sees the 413/429/503 answers of `limits.RequestGuard`. Headers and bodies
-    are never logged; the log line carries the request id, the route template and the session id if any.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        record = RequestRecord(
-            request_id_from(scope.get("headers", [])), scope.get("method", ""), ""
-        )
-        token = _current.set(record)
-        requests_in_flight.add(1)
-
-        async def observed_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                record.status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observed_send)
-        except asyncio.CancelledError:
-            record.status = record.status or 499  # the client left before any answer
-            raise
-        except BaseException:
-            record.status = record.status or 500
-            raise
-        finally:
-            _current.reset(token)
-            requests_in_flight.add(-1)
-            record.route = route_of(scope)
-            status = record.status or 499  # no response started: the client left first
-            REQUESTS.inc(1, {"route": record.route, "status": str(status)})
-            if record.route not in ("/health", "/metrics"):
-                record.status = status
-                log_request(record.log_fields(time.monotonic() - record.started_at))

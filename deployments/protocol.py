@@ -3,12 +3,59 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deployments.errors import RequestError
 
 logger = logging.getLogger(__name__)
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def parse_request(model: type[RequestT], body: Any) -> RequestT:
+    """Validate an untrusted body; the 400 names the first offending field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        loc = first["loc"]
+        param = ".".join(str(part) for part in loc) or None
+        text = str(first["msg"]).removeprefix("Value error, ")
+        if param is None:
+            # A whole-request check: its message starts with the field it is about.
+            candidate = text.split(" ", 1)[0]
+            param = candidate if candidate in model.model_fields else None
+        message = f"{param}: {text}" if param and not text.startswith(param) else text
+        if first["type"] == "extra_forbidden":
+            message = f"{param}: unknown field (not part of this API)"
+        if len(loc) > 1 and loc[0] == "tools" and isinstance(loc[1], int):
+            message += f" (tool {_tool_name(body, loc[1])!r})"
+        raise RequestError(message, param=param) from None
+
+
+def _has_non_finite_number(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+def _tool_name(body: dict[str, Any], index: int) -> str | None:
+    try:
+        return str(body["tools"][index]["function"]["name"])
+    except (KeyError, IndexError, TypeError):
+        return None
 
 
 class OpenAIBaseModel(BaseModel):
@@ -86,6 +133,10 @@ class FunctionDefinition(OpenAIBaseModel):
             raise ValueError("a function's parameters must be a JSON Schema of type 'object'")
         if "properties" in value and not isinstance(value["properties"], dict):
             raise ValueError("'properties' must be an object")
+        # HTTP bodies are refused at parse (limits.parse_json); this catches handle callers' dicts, whose
+        # NaN would be stored and echoed as null.
+        if _has_non_finite_number(value):
+            raise ValueError("a JSON Schema number must be finite (NaN and Infinity are not JSON)")
         return value
 
 
@@ -99,8 +150,55 @@ class NamedToolChoice(OpenAIBaseModel):
     function: dict[str, str]
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute: the wire name is kept with an alias.
+    json_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIBaseModel):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema: required when type is 'json_schema'")
+        return self
+
+
+class StructuredOutputs(StrictRequest):
+    """vLLM's `structured_outputs` (sent through the client's `extra_body`): exactly one constraint."""
+
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = Field(default=None, min_length=1)
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = Field(
+        default=None, min_length=1, description="A Lark grammar in llguidance's dialect."
+    )
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [
+            name
+            for name, value in (
+                ("json", self.json_schema),
+                ("regex", self.regex),
+                ("choice", self.choice),
+                ("grammar", self.grammar),
+                ("json_object", self.json_object),
+            )
+            if value
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of json, regex, choice, grammar or json_object"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
 
 
 class _SamplingFields(StrictRequest):
@@ -119,19 +217,33 @@ class _SamplingFields(StrictRequest):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
+    response_format: ResponseFormat | None = None
     # vLLM-compatible extras (the OpenAI client sends them through `extra_body`).
     top_k: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
-    min_tokens: int = Field(default=0, ge=0)
+    # Divides positive logits (multiplies negative ones): bounded so that no row turns inf in bf16/fp32.
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=100.0)
+    min_tokens: int = Field(default=0, ge=0, le=2**31 - 1)
     ignore_eos: bool = Field(default=False, description="Generate max_tokens, ignoring end tokens.")
+    return_token_ids: bool = Field(
+        default=False,
+        description="vLLM's extension: the prompt's token ids and each choice's generated ids in the reply "
+        "(streamed: the prompt's in the first chunk, each chunk's own ids).",
+    )
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdecimal():
+                raise ValueError(f"keys are token ids; {key!r} is not one")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"the bias of token {key} is {bias}; biases lie in [-100, 100]")
         return value
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(key), bias) for key, bias in (self.logit_bias or {}).items()))
 
     @field_validator("stop")
     @classmethod
@@ -149,14 +261,15 @@ class _SamplingFields(StrictRequest):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    session_id: str | None = Field(default=None, description="Continue this server-side session.")
+    session_id: str | None = Field(
+        default=None, min_length=1, description="Continue this server-side session."
+    )
     max_completion_tokens: int | None = Field(default=None, gt=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _check_tools(self) -> ChatCompletionRequest:
@@ -166,8 +279,6 @@ class ChatCompletionRequest(_SamplingFields):
                 raise ValueError(f"tool_choice names function {name!r}, which is not in tools")
         elif self.tool_choice in ("auto", "required") and not self.tools:
             raise ValueError(f"tool_choice {self.tool_choice!r} needs tools")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format {self.response_format.type!r} is not supported")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
@@ -187,7 +298,7 @@ class CompletionRequest(_SamplingFields):
     )
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @field_validator("prompt")
     @classmethod
@@ -210,18 +321,43 @@ class CompletionRequest(_SamplingFields):
         return self.max_tokens
 
 
+# OpenAI's limits on `metadata`: 16 pairs, keys up to 64 characters, values up to 512.
+MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 64, 512
+
+
 class CreateSessionRequest(StrictRequest):
+    """A session's system prompt is capped against the context window when the session is created
+    (`sessions/manager.py`), before anything is stored."""
+
     model: str | None = None
     system_prompt: str | None = None
     tools: list[Tool] | None = None
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
 
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            if len(key) > MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"keys are at most {MAX_METADATA_KEY_CHARS} characters")
+            if len(text) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(
+                    f"the value of {key!r} has {len(text)} characters; at most "
+                    f"{MAX_METADATA_VALUE_CHARS} are allowed"
+                )
+        return value
+
 
 # ---- responses --------------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV the engine reused (its prefix cache)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ToolCallFunctionDelta(BaseModel):
@@ -267,11 +403,17 @@ class SessionTurn(BaseModel):
 FinishReasonName = Literal["stop", "length", "tool_calls"]
 
 
+def _only_when_set() -> Any:
+    """An optional field that stays off the wire unless set (vLLM's `return_token_ids` extras)."""
+    return Field(default=None, exclude_if=lambda value: value is None)
+
+
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReasonName | None = None
+    token_ids: list[int] | None = _only_when_set()
 
 
 class ChatCompletionChunk(BaseModel):
@@ -282,6 +424,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     session: SessionTurn | None = None
+    prompt_token_ids: list[int] | None = _only_when_set()
 
 
 class ResponseToolCall(BaseModel):
@@ -301,6 +444,7 @@ class ChatChoice(BaseModel):
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReasonName
+    token_ids: list[int] | None = _only_when_set()
 
 
 class ChatCompletionResponse(BaseModel):
@@ -311,6 +455,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     session: SessionTurn | None = None
+    prompt_token_ids: list[int] | None = _only_when_set()
 
 
 class CompletionLogprobs(BaseModel):
@@ -325,6 +470,8 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: Literal["stop", "length"] | None = None
     logprobs: CompletionLogprobs | None = None
+    prompt_token_ids: list[int] | None = _only_when_set()
+    token_ids: list[int] | None = _only_when_set()
 
 
 class CompletionResponse(BaseModel):

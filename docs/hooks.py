@@ -9,7 +9,7 @@ A page asks for one with a marker (an HTML comment, replaced wherever it stands)
 - `<!-- generated:handle-methods -->`: the Router methods a Python handle can call, with signatures;
 - `<!-- generated:metrics -->`: the Prometheus series `deployments/metrics.py` defines, and whether the app
   records them in this version (it imports that module) and serves `GET /metrics`;
-- `<!-- generated:gpu-results -->`: where recorded GPU numbers are, if `benchmarks/RESULTS.md` exists.
+- `<!-- generated:gpu-results -->`: where recorded GPU numbers are, if `benchmarks/README.md` holds any.
 
 An unknown marker fails the build, and so does a marker the hook cannot render.
 """
@@ -90,6 +90,10 @@ def _constraints(field: Any) -> str:
 
 
 def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, also when it is optional (`AutoscalingConfig | None`)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return _nested_model(models[0]) if len(models) == 1 else None
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     return None
@@ -133,11 +137,17 @@ def render_config() -> str:
             full = f"{path}.{name}" if path else name
             nested = _nested_model(field.annotation)
             if nested is not None:
-                default = f"[see below](#{_anchor(full)})"
-                kind = f"`{nested.__name__}`"
+                is_optional = field.annotation is not nested
+                default = "`null`, " if is_optional else ""
+                default += f"[see below](#{_anchor(full)})"
+                kind = f"`{nested.__name__}`" + (" or `null`" if is_optional else "")
             else:
                 kind = _type_name(field.annotation) + _constraints(field)
-                default = f"`{_yaml_value(field.get_default(call_default_factory=True))}`"
+                default = (
+                    "required"
+                    if field.is_required()
+                    else f"`{_yaml_value(field.get_default(call_default_factory=True))}`"
+                )
             description = field.description or ""
             lines.append(f"| `{name}` | {_cell(kind)} | {_cell(default)} | {_cell(description)} |")
         sections.append("\n".join(lines))
@@ -215,9 +225,11 @@ def render_metrics() -> str:
 
 
 def render_gpu_results() -> str:
-    if (REPO / "benchmarks" / "RESULTS.md").exists():
-        return "recorded in `benchmarks/RESULTS.md`, with the card, model and load of each number"
-    return "none recorded in the repository yet (there is no `benchmarks/RESULTS.md`)"
+    readme = REPO / "benchmarks" / "README.md"
+    text = readme.read_text() if readme.exists() else ""
+    if "H100" in text or "H200" in text:
+        return "in the results table of `benchmarks/README.md`, with the card, model, load and commit of each"
+    return "none recorded in the repository yet (`benchmarks/README.md` has no GPU rows)"
 
 
 _RENDERERS = {

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,10 @@ def test_configuration_reference_lists_every_field_with_its_default(site: Path) 
             assert name in text, (
                 f"{model.__name__}.{name} is missing from the configuration reference"
             )
-            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                check(field.annotation)
+            # Optional models (`engine.autoscaling`) are documented too.
+            for nested in (field.annotation, *typing.get_args(field.annotation)):
+                if isinstance(nested, type) and issubclass(nested, BaseModel):
+                    check(nested)
 
     check(AppConfig)
 

@@ -236,8 +236,8 @@ class ReplicaProbe:
     TrtllmExecutor, so the test sees what a replica process gets right or wrong about MPI."""
 
     def __init__(self, engine_dir: str) -> None:
+        from deployments.config import TrtllmConfig
         from deployments.executors.trtllm import TrtllmExecutor
-        from deployments.executors.trtllm_config import TrtllmConfig
 
         self._executor = TrtllmExecutor(TrtllmConfig(engine_dir=engine_dir, stats_period_s=0.02))
 
@@ -277,3 +277,74 @@ class PlacementProbe:
             "gpu_ids": sorted(str(gpu) for gpu in ray.get_gpu_ids()),
             "env": {k: v for k, v in os.environ.items() if k.startswith("OMPI_")},
         }
+
+
+# ---- the three TensorRT-LLM variants behind one executor contract ----------------------------------
+VARIANTS = ["executor-tp1", "executor-tp2", "pytorch"]
+HF_CHECKPOINT_ENV = "SHEPHERD_TRTLLM_HF_CHECKPOINT"
+
+
+def write_double_checkpoint(
+    path: Path,
+    *,
+    vocab_size: int = 1000,
+    max_position_embeddings: int = 512,
+    num_kv_blocks: int = 256,
+    iter_latency_ms: float = 1.0,
+    poison_token_id: int | None = None,
+) -> Path:
+    """A Hugging Face checkpoint's config.json (no weights: the LLM API double needs none)."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_position_embeddings,
+        "shepherd_double": {
+            "num_kv_blocks": num_kv_blocks,
+            "iter_latency_ms": iter_latency_ms,
+            "poison_token_id": poison_token_id,
+        },
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return path
+
+
+def make_variant_executor(
+    variant: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    engine_options: dict[str, Any] | None = None,
+    **config_fields: Any,
+) -> tuple[Executor, int]:
+    """(an unstarted executor of `variant`, its KV block size): a double engine/checkpoint, or the
+    real one named by SHEPHERD_TRTLLM_ENGINE_DIR(_TP2) / SHEPHERD_TRTLLM_HF_CHECKPOINT."""
+    from deployments.config import TrtllmConfig
+    from deployments.executors.trtllm import TrtllmExecutor
+    from deployments.executors.trtllm_config import read_engine_layout
+    from deployments.executors.trtllm_llmapi import TrtllmLlmApiExecutor
+
+    options = dict(engine_options or {})
+    fields: dict[str, Any] = {"stats_period_s": 0.02, "kv_events_poll_period_ms": 2.0}
+    fields |= config_fields
+    if variant == "pytorch":
+        tokens_per_block = int(options.pop("tokens_per_block", 4))
+        if IS_REAL:
+            checkpoint = os.environ.get(HF_CHECKPOINT_ENV)
+            if not checkpoint:
+                pytest.skip(f"real tensorrt_llm is installed but {HF_CHECKPOINT_ENV} is not set")
+            model_dir = Path(checkpoint)
+        else:
+            options.pop("max_input_len", None)
+            model_dir = write_double_checkpoint(tmp_path / "checkpoint", **options)
+        config = TrtllmConfig(backend="pytorch", tokens_per_block=tokens_per_block, **fields)
+        return TrtllmLlmApiExecutor(config, str(model_dir)), tokens_per_block
+    tp_size = 2 if variant == "executor-tp2" else 1
+    if tp_size == 2:
+        require_mpi()
+        set_mpi_env(monkeypatch)
+    options.setdefault("tokens_per_block", 4)
+    engine_dir = engine_dir_or_skip(tmp_path, tp_size=tp_size, **options)
+    executor = TrtllmExecutor(TrtllmConfig(engine_dir=str(engine_dir), **fields))
+    return executor, read_engine_layout(engine_dir).tokens_per_block

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Iterable
 
 from deployments.errors import EngineDead, EngineError
 from deployments.messages import (
+    DeltaCollector,
     EngineCapabilities,
     ExecutorStats,
     GenerateRequest,
@@ -16,50 +18,6 @@ from deployments.messages import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class DeltaCollector:
-    """A one-slot mailbox per request: deltas merge while the consumer lags, so memory stays bounded
-    and the consumer always receives everything ready in one item (no batching timer).
-
-    After the first item, the consumer is woken only once `stream_interval_tokens` tokens are waiting
-    (vLLM's and TensorRT-LLM's stream interval; a count, never a timer), or on the final delta or an error.
-    Every item crossing a Serve hop costs CPU in each process it passes, so fewer, larger items raise the
-    tokens/s a replica sustains (benchmarks/RESULTS.md, R2.3).
-    """
-
-    __slots__ = ("_error", "_event", "_interval", "_pending", "_threshold")
-
-    def __init__(self, stream_interval_tokens: int = 1) -> None:
-        self._pending: TokenDelta | None = None
-        self._error: BaseException | None = None
-        self._event = asyncio.Event()
-        self._interval = stream_interval_tokens
-        self._threshold = 1  # the first token goes at once: TTFT does not change
-
-    def put(self, delta: TokenDelta) -> None:
-        if self._pending is None:
-            self._pending = delta
-        else:
-            self._pending.merge(delta)
-        if self._pending.is_final or len(self._pending.token_ids) >= self._threshold:
-            self._event.set()
-
-    def fail(self, error: BaseException) -> None:
-        self._error = error
-        self._event.set()
-
-    async def get(self) -> TokenDelta:
-        await self._event.wait()
-        # An error stays signalled: the delta that arrived before it is returned first, then the error.
-        if self._error is None:
-            self._event.clear()
-        if self._pending is not None:
-            delta, self._pending = self._pending, None
-            self._threshold = self._interval
-            return delta
-        assert self._error is not None
-        raise self._error
 
 
 class StopSequenceMatcher:
@@ -117,6 +75,9 @@ class Executor(abc.ABC):
     """
 
     capabilities = EngineCapabilities()
+    # True: each request's first delta says how many prompt tokens the engine found in its prefix cache,
+    # and `stats` reports the totals and the hit rate from them.
+    reports_cached_tokens = False
 
     def __init__(self) -> None:
         self._collectors: dict[str, DeltaCollector] = {}
@@ -126,6 +87,8 @@ class Executor(abc.ABC):
         self._num_finished = 0
         self._num_cancelled = 0
         self._num_generated_tokens = 0
+        self._num_prompt_tokens = 0
+        self._num_cached_prompt_tokens = 0
 
     # ---- contract --------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -142,7 +105,7 @@ class Executor(abc.ABC):
 
     async def shutdown(self) -> None:
         """Stop the engine; pending requests fail with EngineDead."""
-        self._mark_dead("executor shut down")
+        self._mark_dead("executor shut down", is_failure=False)
 
     def queue_depth(self) -> int:
         return 0
@@ -173,6 +136,9 @@ class Executor(abc.ABC):
             while not is_finished:
                 delta = await collector.get()
                 self._num_generated_tokens += len(delta.token_ids)
+                if delta.num_prompt_tokens:  # the first delta
+                    self._num_prompt_tokens += delta.num_prompt_tokens
+                    self._num_cached_prompt_tokens += delta.num_cached_tokens
                 is_finished = delta.is_final
                 yield delta
         except (asyncio.CancelledError, GeneratorExit):
@@ -187,13 +153,22 @@ class Executor(abc.ABC):
                 self._num_finished += 1
 
     def stats(self) -> ExecutorStats:
-        return ExecutorStats(
+        stats = ExecutorStats(
             num_active_requests=len(self._collectors),
             num_queued_requests=self.queue_depth(),
             num_submitted_requests=self._num_submitted,
             num_finished_requests=self._num_finished,
             num_cancelled_requests=self._num_cancelled,
             num_generated_tokens=self._num_generated_tokens,
+        )
+        if not self.reports_cached_tokens:
+            return stats
+        cached, total = self._num_cached_prompt_tokens, self._num_prompt_tokens
+        return dataclasses.replace(
+            stats,
+            prefix_cache_hit_rate=cached / total if total else None,
+            num_cached_prompt_tokens=cached,
+            num_uncached_prompt_tokens=total - cached,
         )
 
     def check_health(self) -> None:
@@ -229,9 +204,12 @@ class Executor(abc.ABC):
             else:
                 self.deliver(request_id, item)
 
-    def _mark_dead(self, reason: str) -> None:
+    def _mark_dead(self, reason: str, *, is_failure: bool = True) -> None:
         if self._dead_reason is None:
-            logger.error("executor is dead: %s", reason)
+            # A shutdown that was asked for is not an error: it ends every executor's life.
+            logger.log(
+                logging.ERROR if is_failure else logging.INFO, "executor is dead: %s", reason
+            )
             self._dead_reason = reason
         for collector in list(self._collectors.values()):
             collector.fail(EngineDead(reason))

@@ -1,12 +1,14 @@
 """A load-testing engine that does no compute: it streams token ids at configured H100 TensorRT-LLM speeds.
 
-It exists to measure what the serving layer itself costs (benchmarks only, never the default engine).
+It exists to measure what the serving layer itself costs (benchmarks only, never the default engine). A prefix
+cache model (`prefix_cache.PrefixCache`) decides which prompt tokens need prefill, so routing shows in TTFT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import heapq
 import json
 import logging
@@ -18,7 +20,14 @@ from pathlib import Path
 from deployments.config import EmulatorConfig
 from deployments.errors import EngineError
 from deployments.executors.base import Executor
-from deployments.messages import EngineCapabilities, FinishReason, GenerateRequest, TokenDelta
+from deployments.executors.prefix_cache import PrefixCache
+from deployments.messages import (
+    EngineCapabilities,
+    ExecutorStats,
+    FinishReason,
+    GenerateRequest,
+    TokenDelta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +35,13 @@ logger = logging.getLogger(__name__)
 # without enough of them, any all-letter piece will do.
 _TOKEN_PATTERNS = (re.compile(r"^Ġ[A-Za-z]{2,}$"), re.compile(r"^Ġ?[A-Za-z]{2,}$"))
 _MIN_WORD_TOKENS = 16
+
+# TensorRT-LLM's published first-token latency at batch 1 on an H100 (FP8, LLaMA 7B, TP1) is 7 ms for 128
+# input tokens and 36 ms for 2048: each further prompt token costs (36 - 7) ms / 1920 = 15.1 us ("Low Latency",
+# table "H100 GPUs (FP8)" of https://github.com/NVIDIA/TensorRT-LLM/blob/77d24b5fa178f11ed7fafdd9833b7245e075f721/
+# docs/source/performance.md). The H200 keeps the H100's time to first token, prefill being compute bound
+# (https://github.com/NVIDIA/TensorRT-LLM/blob/1555478c1b417a0b34de05209862ea5a2ab9add1/docs/source/blogs/H200launch.md).
+PUBLISHED_PREFILL_TOKENS_PER_S = (2048 - 128) / 0.029  # 66,207 tokens/s
 
 
 def read_vocab_size(model_dir: str | Path) -> int:
@@ -66,16 +82,23 @@ class _Running:
     token_ids: list[int]
     offset: int
     max_tokens: int
-    num_prompt_tokens: int
+    prompt_token_ids: list[int]
+    block_hashes: list[int]
+    num_cached_tokens: int
     first_token_at: float
     num_emitted: int = 0
+
+    def output_token_ids(self) -> list[int]:
+        table = self.token_ids
+        return [table[(self.offset + i) % len(table)] for i in range(self.num_emitted)]
 
 
 class EmulatorExecutor(Executor):
     """Emits `max_tokens` ids per request (finish LENGTH) with the timing of an in-flight batching engine.
 
     Up to `max_batch_size` requests run together; more wait in a FIFO queue. An admitted request's first token
-    comes `ttft_ms` (+ prompt length / `prefill_tokens_per_s`) after admission; from then on it joins the
+    comes `ttft_ms` (+ uncached prompt tokens / `prefill_tokens_per_s`) after admission, the prefix cache model
+    deciding which prompt tokens are cached (its first delta says how many); from then on it joins the
     decoding steps, one every `itl_ms`, in which every running request gains one token together, as on a GPU.
     An idle engine starts its step clock at the first token, so one request alone sees exactly `ttft_ms` and
     `itl_ms`. When the loop wakes late (a busy CPU), it catches up on the missed steps: the engine keeps its
@@ -94,6 +117,13 @@ class EmulatorExecutor(Executor):
         self._itl_s = config.itl_ms / 1000
         self.vocab_size = read_vocab_size(model_dir)
         self.token_ids = visible_token_ids(model_dir, self.vocab_size)
+        self._cache = (
+            PrefixCache(config.num_kv_blocks, config.tokens_per_block)
+            if config.num_kv_blocks
+            else None
+        )
+        # With a cache model, each first delta says what it found; `Executor.stats` totals them.
+        self.reports_cached_tokens = self._cache is not None
         self._waiting: collections.deque[GenerateRequest] = collections.deque()
         self._prefilling: list[
             tuple[float, int, str]
@@ -130,6 +160,18 @@ class EmulatorExecutor(Executor):
     def queue_depth(self) -> int:
         return len(self._waiting)
 
+    def prefill_s(self, num_uncached_tokens: int) -> float:
+        """Admission to first token: `ttft_ms`, plus the prefill of the prompt tokens the cache lacks."""
+        if self._config.prefill_tokens_per_s <= 0:
+            return self._ttft_s
+        return self._ttft_s + num_uncached_tokens / self._config.prefill_tokens_per_s
+
+    def stats(self) -> ExecutorStats:
+        stats = super().stats()
+        if self._cache is None:
+            return stats
+        return dataclasses.replace(stats, kv_cache_usage=self._cache.usage)
+
     # ---- contract --------------------------------------------------------------------------------
     def _submit(self, request: GenerateRequest) -> None:
         if self._task is None or self._task.done():
@@ -139,6 +181,8 @@ class EmulatorExecutor(Executor):
 
     def _cancel(self, request_id: str) -> None:
         # A prefilling entry stays in the heap and is skipped when popped (lazy deletion).
+        if self._cache is not None:
+            self._cache.release(request_id)
         if self._running.pop(request_id, None) is None:
             self._waiting = collections.deque(
                 r for r in self._waiting if r.request_id != request_id
@@ -163,15 +207,21 @@ class EmulatorExecutor(Executor):
     def _admit(self, now: float) -> None:
         while self._waiting and len(self._running) < self._config.max_batch_size:
             request = self._waiting.popleft()
-            prefill_s = self._ttft_s
-            if self._config.prefill_tokens_per_s > 0:
-                prefill_s += len(request.prompt_token_ids) / self._config.prefill_tokens_per_s
+            prompt_token_ids = request.prompt_token_ids
+            block_hashes: list[int] = []
+            num_cached_tokens = 0
+            if self._cache is not None:
+                block_hashes = self._cache.block_hashes(prompt_token_ids)
+                num_cached_tokens = self._cache.acquire(request.request_id, block_hashes)
+            prefill_s = self.prefill_s(len(prompt_token_ids) - num_cached_tokens)
             running = _Running(
                 request_id=request.request_id,
                 token_ids=self._allowed_token_ids(request),
-                offset=zlib.crc32(repr(request.prompt_token_ids[-8:]).encode()),
+                offset=zlib.crc32(repr(prompt_token_ids[-8:]).encode()),
                 max_tokens=request.max_tokens,
-                num_prompt_tokens=len(request.prompt_token_ids),
+                prompt_token_ids=prompt_token_ids,
+                block_hashes=block_hashes,
+                num_cached_tokens=num_cached_tokens,
                 first_token_at=now + prefill_s,
             )
             self._running[request.request_id] = running
@@ -186,6 +236,8 @@ class EmulatorExecutor(Executor):
             running = self._running.get(request_id)
             if running is None:
                 continue  # cancelled while prefilling
+            if self._cache is not None:
+                self._cache.store(request_id, running.block_hashes)  # the prompt's KV now exists
             if not self._decoding:
                 # An idle engine starts its step clock with this request, so c=1 sees exact TTFT and ITL.
                 self._next_step_at = first_token_at + self._itl_s
@@ -213,14 +265,26 @@ class EmulatorExecutor(Executor):
             finish = FinishReason.LENGTH
             del self._running[running.request_id]
             self._decoding.pop(running.request_id, None)
+            self._keep_sequence(running)
         self.deliver(
             running.request_id,
             TokenDelta(
                 token_ids=token_ids,
                 finish_reason=finish,
-                num_prompt_tokens=running.num_prompt_tokens if is_first else 0,
+                num_prompt_tokens=len(running.prompt_token_ids) if is_first else 0,
+                num_cached_tokens=running.num_cached_tokens if is_first else 0,
             ),
         )
+
+    def _keep_sequence(self, running: _Running) -> None:
+        """A finished request leaves its prompt and output in the cache: a session's next turn starts there."""
+        if self._cache is None:
+            return
+        sequence = running.prompt_token_ids + running.output_token_ids()
+        self._cache.store(
+            running.request_id, self._cache.block_hashes(sequence, known=running.block_hashes)
+        )
+        self._cache.release(running.request_id)
 
     def _allowed_token_ids(self, request: GenerateRequest) -> list[int]:
         excluded = {seq[0] for seq in request.stop_token_sequences}

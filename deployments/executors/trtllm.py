@@ -6,6 +6,10 @@ Threads (started by `start`, all stopped by `shutdown`):
 - stats: `get_latest_iteration_stats()` every `stats_period_s` (KV usage, queue depth, hit rate);
 - KV events: polls the event manager and keeps the stored-block index the router reads. Absent in
   orchestrator mode, where the engine lives in spawned workers and the manager is None.
+
+Written against TensorRT-LLM 1.2.x (nanobind/executor/*.cpp, executorImpl.cpp @ b35ac1b6 =
+v1.2.0rc2): responses are matched by client id, or by the engine's request id for the error
+responses the orchestrator's leader sends without one (a full queue, a request too large to send).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import datetime
 import importlib
 import itertools
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,23 +27,29 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from deployments.errors import (
-    EngineDead,
-    EngineError,
-    OverloadedError,
-    RequestError,
-    ServingError,
-)
+from deployments.config import TrtllmConfig
+from deployments.errors import EngineDead, EngineError, RequestError
 from deployments.executors.base import Executor
-from deployments.executors.trtllm_config import EngineLayout, TrtllmConfig, read_engine_layout
-from deployments.executors.trtllm_kv_events import KvBlockIndex
-from deployments.executors.trtllm_requests import DeltaAssembler, build_request, finish_reason_name
-from deployments.messages import EngineCapabilities, ExecutorStats, GenerateRequest, TokenDelta
+from deployments.executors.ranks import detach_stdin, replica_device_ids
+from deployments.executors.trtllm_config import (
+    EngineLayout,
+    read_engine_layout,
+    resolve_guided_backend,
+)
+from deployments.executors.trtllm_failures import classify_engine_error, load_with_timeout
+from deployments.executors.trtllm_kv_events import KvBlockIndex, routing_stats
+from deployments.executors.trtllm_requests import (
+    DeltaAssembler,
+    build_request,
+    finish_reason_name,
+    kv_cache_kwargs,
+    reused_prompt_tokens,
+    trtllm_capabilities,
+    xgrammar_tokenizer_info,
+)
+from deployments.messages import ExecutorStats, GenerateRequest, TokenDelta
 
 logger = logging.getLogger(__name__)
-
-_QUEUE_FULL = "Maximum queue size"
-_SHUTDOWN = "Shutdown called"
 
 
 def resolve_communication_mode(config: TrtllmConfig, layout: EngineLayout) -> str:
@@ -63,16 +72,11 @@ def build_executor_config(
     layout: EngineLayout,
     *,
     device_ids: list[int] | None,
+    guided_decoding_config: Any = None,
 ) -> Any:
-    """The `ExecutorConfig` for this engine: KV cache, scheduler and parallel settings."""
-    kv_cache_config = tle.KvCacheConfig(
-        enable_block_reuse=config.enable_block_reuse,
-        max_tokens=config.max_kv_cache_tokens,
-        free_gpu_memory_fraction=config.free_gpu_memory_fraction,
-        host_cache_size=config.host_cache_size,
-        event_buffer_max_size=config.event_buffer_max_size,
-        enable_partial_reuse=config.enable_partial_reuse,
-    )
+    """The `ExecutorConfig` for this engine: KV cache, scheduler and parallel settings, and the
+    grammar backend's `GuidedDecodingConfig` when guided decoding is on."""
+    kv_cache_config = tle.KvCacheConfig(**kv_cache_kwargs(config))
     policy = {
         "max_utilization": tle.CapacitySchedulerPolicy.MAX_UTILIZATION,
         "guaranteed_no_evict": tle.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT,
@@ -83,9 +87,8 @@ def build_executor_config(
         parallel_config = tle.ParallelConfig(
             communication_type=tle.CommunicationType.MPI,
             communication_mode=tle.CommunicationMode.ORCHESTRATOR,
-            # Ray narrows CUDA_VISIBLE_DEVICES to the replica's GPUs, which the spawned workers
-            # inherit, so local ordinals 0..N-1 are this replica's GPUs.
-            device_ids=device_ids if device_ids is not None else list(range(layout.world_size)),
+            # By default the GPUs Ray gave the replica, which the spawned workers inherit.
+            device_ids=replica_device_ids(layout.world_size) if device_ids is None else device_ids,
             orchestrator_config=tle.OrchestratorConfig(
                 is_orchestrator=True, worker_executable_path=worker_path
             ),
@@ -104,15 +107,23 @@ def build_executor_config(
         parallel_config=parallel_config,
         max_queue_size=config.max_queue_size,
         recv_poll_period_ms=config.recv_poll_period_ms,
+        guided_decoding_config=guided_decoding_config,
     )
 
 
-def _engine_error(message: str) -> ServingError:
-    if _QUEUE_FULL in message:
-        return OverloadedError(message)
-    if _SHUTDOWN in message:
-        return EngineDead(message)
-    return EngineError(message)
+def build_guided_decoding_config(tle: ModuleType, tokenizer_dir: str) -> Any:
+    """xgrammar over the model's tokenizer, the only grammar backend of the 1.2 C++ runtime.
+
+    Raises:
+        OSError, ValueError: no fast tokenizer in `tokenizer_dir`.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, use_fast=True)
+    return tle.GuidedDecodingConfig(
+        tle.GuidedDecodingConfig.GuidedDecodingBackend.XGRAMMAR,
+        **xgrammar_tokenizer_info(tokenizer),
+    )
 
 
 @dataclass(slots=True)
@@ -120,7 +131,9 @@ class _Tracked:
     """One in-flight request as the awaiter thread sees it."""
 
     request_id: str
+    client_id: int
     assembler: DeltaAssembler
+    num_prompt_tokens: int
     engine_request_id: int | None = None
 
 
@@ -136,18 +149,17 @@ class TrtllmExecutor(Executor):
         FileNotFoundError: the engine dir has no config.json.
     """
 
-    capabilities = EngineCapabilities(
-        supports_seed=True,
-        supports_penalties=True,
-        supports_min_tokens=True,
-        supports_logprobs=True,
-    )
+    capabilities = trtllm_capabilities(None)
+    # From each result's perf metrics (`trtllm_requests.reused_prompt_tokens`).
+    reports_cached_tokens = True
 
     def __init__(self, config: TrtllmConfig, *, device_ids: list[int] | None = None) -> None:
         super().__init__()
         if config.engine_dir is None:
             raise ValueError("TrtllmConfig.engine_dir is required (the trtllm-build output dir)")
         self._config = config
+        self._tokenizer_dir = config.tokenizer_dir or str(config.engine_dir)
+        self._guided_backend = resolve_guided_backend(config, "tensorrt", self._tokenizer_dir)
         self._layout = read_engine_layout(config.engine_dir)
         world_size = self._layout.world_size
         if device_ids is not None and len(device_ids) != world_size:
@@ -155,19 +167,15 @@ class TrtllmExecutor(Executor):
                 f"engine {config.engine_dir} needs {world_size} devices "
                 f"(tp={self._layout.tp_size}, pp={self._layout.pp_size}), got {device_ids}"
             )
-        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
-        if device_ids is None and visible and len(visible) < world_size:
-            raise ValueError(
-                f"engine {config.engine_dir} has {world_size} ranks (tp*pp) but this process sees "
-                f"{len(visible)} GPUs (CUDA_VISIBLE_DEVICES={','.join(visible)}): set the "
-                f"replica's num_gpus_per_replica to {world_size}"
-            )
+        if device_ids is None:
+            replica_device_ids(world_size)  # raises when Ray gave the replica fewer GPUs than ranks
         self._device_ids = device_ids
         self._tle: ModuleType | None = None
         self._engine: Any = None
         self._lock = threading.Lock()
         self._tracked: dict[int, _Tracked] = {}  # by client_id, which responses carry
         self._client_ids: dict[str, int] = {}  # request_id -> client_id
+        self._by_engine_id: dict[int, int] = {}  # engine request id -> client_id
         self._client_id_counter = itertools.count(1)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -201,7 +209,15 @@ class TrtllmExecutor(Executor):
             EngineError: the engine could not be created.
         """
         await super().start()
-        self._engine = await asyncio.to_thread(self._create_engine)
+        try:
+            self._engine = await load_with_timeout(
+                self._create_engine,
+                timeout_s=self._config.engine_start_timeout_s,
+                what=f"the TensorRT-LLM engine {self._config.engine_dir}",
+            )
+        except EngineError as exc:
+            self._mark_dead(str(exc))
+            raise
         self._start_thread("trtllm-awaiter", self._await_loop)
         self._start_thread("trtllm-stats", self._stats_loop)
         manager = None
@@ -249,15 +265,24 @@ class TrtllmExecutor(Executor):
             )
         except (RuntimeError, TypeError, ValueError) as exc:  # the bindings validate arguments
             raise RequestError(f"invalid request for TensorRT-LLM: {exc}") from exc
-        tracked = _Tracked(request.request_id, DeltaAssembler(request))
+        tracked = _Tracked(
+            request.request_id,
+            client_id,
+            DeltaAssembler(request),
+            num_prompt_tokens=len(request.prompt_token_ids),
+        )
+        # Enqueued under the lock: an error response without client id may come back before
+        # `enqueue_request` returns, and the awaiter must find it by the engine's id.
         with self._lock:
             self._tracked[client_id] = tracked
             self._client_ids[request.request_id] = client_id
-        try:
-            tracked.engine_request_id = self._engine.enqueue_request(trt_request)
-        except RuntimeError as exc:
-            self._forget(client_id)
-            raise _engine_error(str(exc)) from exc
+            try:
+                tracked.engine_request_id = self._engine.enqueue_request(trt_request)
+            except RuntimeError as exc:
+                self._tracked.pop(client_id, None)
+                self._client_ids.pop(request.request_id, None)
+                raise self._error(str(exc)) from exc
+            self._by_engine_id[tracked.engine_request_id] = client_id
 
     def _cancel(self, request_id: str) -> None:
         # The entry stays until the engine's final CANCELLED response, which is then dropped.
@@ -288,34 +313,37 @@ class TrtllmExecutor(Executor):
         )
 
     def routing_stats(self) -> dict[str, Any]:
-        """What a KV-aware router needs from this replica (cheap; safe to call from the loop).
-
-        `kv_block_hashes` are routing hashes (see `trtllm_kv_events.chain_block_hashes`) of the most
-        recently stored blocks, bounded by `routing_block_hashes`. When `has_kv_events` is False
-        (orchestrator mode, or events disabled) the router must predict prefixes itself.
-        """
-        stats = self.stats()
-        return {
-            "queue_depth": stats.num_queued_requests,
-            "num_active_requests": stats.num_active_requests,
-            "kv_cache_usage": stats.kv_cache_usage,
-            "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
-            "tokens_per_block": self._layout.tokens_per_block,
-            "has_kv_events": self._has_kv_events,
-            "num_tracked_blocks": len(self._kv_index),
-            "kv_block_hashes": self._kv_index.recent_hashes(self._config.routing_block_hashes),
-        }
+        """What a KV-aware router needs from this replica (`trtllm_kv_events.routing_stats`)."""
+        return routing_stats(
+            self.stats(),
+            self._kv_index,
+            tokens_per_block=self._layout.tokens_per_block,
+            has_kv_events=self._has_kv_events,
+            num_hashes=self._config.routing_block_hashes,
+        )
 
     # ---- engine threads --------------------------------------------------------------------------
     def _create_engine(self) -> Any:
         tle = importlib.import_module("tensorrt_llm.bindings.executor")
+        guided_decoding_config = None
+        if self._guided_backend is not None:
+            try:
+                guided_decoding_config = build_guided_decoding_config(tle, self._tokenizer_dir)
+            except (OSError, ValueError) as exc:
+                raise EngineError(
+                    f"guided decoding needs the tokenizer in {self._tokenizer_dir}: {exc}"
+                ) from exc
         executor_config = build_executor_config(
-            tle, self._config, self._layout, device_ids=self._device_ids
+            tle,
+            self._config,
+            self._layout,
+            device_ids=self._device_ids,
+            guided_decoding_config=guided_decoding_config,
         )
+        if guided_decoding_config is not None:
+            self.capabilities = trtllm_capabilities(self._guided_backend)
         if self._layout.world_size > 1:
-            # Spawned ranks run under Open MPI's orted, which forwards this process's stdin to rank 0:
-            # a replica started from a terminal would hand its keystrokes to the engine.
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            detach_stdin()
         try:
             engine = tle.Executor(
                 self._config.engine_dir, tle.ModelType.DECODER_ONLY, executor_config
@@ -349,23 +377,36 @@ class TrtllmExecutor(Executor):
     def _convert(self, responses: list[Any]) -> list[tuple[str, TokenDelta | BaseException]]:
         batch: list[tuple[str, TokenDelta | BaseException]] = []
         for response in responses:
-            client_id = response.client_id
             with self._lock:
+                client_id = response.client_id
+                if client_id is None:  # the orchestrator's leader refused it before it ran
+                    client_id = self._by_engine_id.get(response.request_id)
                 tracked = self._tracked.get(client_id) if client_id is not None else None
             if tracked is None or tracked.assembler.is_done:
                 continue  # cancelled, or already finished by a stop sequence
             if response.has_error():
-                self._forget(client_id)
+                self._forget(tracked.client_id)
                 message = response.error_msg
                 logger.error("engine failed request_id=%s: %s", tracked.request_id, message)
-                batch.append((tracked.request_id, _engine_error(message)))
+                error = self._error(message)
+                if isinstance(error, EngineDead) and not self._stop.is_set():
+                    self.mark_dead_threadsafe(f"TensorRT-LLM engine error: {message}")
+                batch.append((tracked.request_id, error))
                 continue
             result = response.result
             reason = finish_reason_name(result)
             logprobs = result.log_probs[0] if result.log_probs else None
-            delta = tracked.assembler.feed(list(result.output_token_ids[0]), logprobs, reason)
+            delta = tracked.assembler.feed(
+                list(result.output_token_ids[0]),
+                logprobs,
+                reason,
+                are_logprobs_cumulative=True,
+                num_cached_tokens=reused_prompt_tokens(
+                    result, self._layout.tokens_per_block, tracked.num_prompt_tokens
+                ),
+            )
             if tracked.assembler.is_done:
-                self._forget(client_id)
+                self._forget(tracked.client_id)
                 if reason is None and tracked.engine_request_id is not None:
                     self._engine.cancel_request(tracked.engine_request_id)  # stopped before engine
             if delta is not None:
@@ -377,6 +418,11 @@ class TrtllmExecutor(Executor):
             tracked = self._tracked.pop(client_id, None)
             if tracked is not None:
                 self._client_ids.pop(tracked.request_id, None)
+                if tracked.engine_request_id is not None:
+                    self._by_engine_id.pop(tracked.engine_request_id, None)
+
+    def _error(self, message: str) -> Exception:
+        return classify_engine_error(message, self._config.fatal_error_patterns)
 
     def _stats_loop(self) -> None:
         while not self._stop.wait(self._config.stats_period_s):

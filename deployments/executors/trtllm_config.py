@@ -1,4 +1,5 @@
-"""Configuration of the TensorRT-LLM backend, and the layout read from a trtllm-build engine."""
+"""What the TensorRT-LLM backends read from the model: the layout of a trtllm-build engine, and which backend
+a model directory needs (`TrtllmConfig` itself is in `deployments/config.py`)."""
 
 from __future__ import annotations
 
@@ -8,121 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class TrtllmConfig(BaseModel):
-    """Knobs for `TrtllmExecutor`; what the engine fixed at build time comes from its config.json.
-
-    Defaults follow the reference skeleton (block reuse, chunked context and KV events on) rather
-    than the bindings' own defaults, which disable chunked context and KV events.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    engine_dir: str | None = Field(
-        default=None,
-        description="trtllm-build output dir (config.json + rank*.engine); the app fills it "
-        "from model.path when unset.",
-    )
-    tokenizer_dir: str | None = Field(
-        default=None,
-        description="HF tokenizer dir; only the router reads it, the engine sees token ids.",
-    )
-    communication_mode: Literal["auto", "orchestrator", "leader"] = Field(
-        default="auto",
-        description="auto: orchestrator (MPI_Comm_spawn of tp*pp workers) when the engine has more "
-        "than one rank, else in-process. leader: the process was started by `mpirun -n N`.",
-    )
-    executor_worker_path: str | None = Field(
-        default=None,
-        description="Orchestrator mode worker binary; default <tensorrt_llm>/bin/executorWorker.",
-    )
-    recv_poll_period_ms: int = Field(
-        default=0,
-        ge=0,
-        description="Orchestrator receive poll period; 0 busy-polls (lowest latency).",
-    )
-    scheduler_policy: Literal["max_utilization", "guaranteed_no_evict"] = Field(
-        default="guaranteed_no_evict",
-        description="Capacity scheduler: guaranteed_no_evict reserves KV for the whole request.",
-    )
-    max_batch_size: int | None = Field(
-        default=None, ge=1, description="Runtime cap below the engine's build-time max_batch_size."
-    )
-    max_num_tokens: int | None = Field(
-        default=None, ge=1, description="Runtime cap below the engine's build-time max_num_tokens."
-    )
-    max_queue_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="Engine queue bound; a full queue rejects requests with 503 (OverloadedError).",
-    )
-    enable_chunked_context: bool = Field(
-        default=True, description="Chunked prefill; the bindings default it to False."
-    )
-    normalize_log_probs: bool = Field(
-        default=True, description="ExecutorConfig.normalize_log_probs."
-    )
-    iter_stats_max_iterations: int = Field(
-        default=1000, ge=0, description="Iteration stats the engine keeps between two stats polls."
-    )
-    # KV cache
-    enable_block_reuse: bool = Field(
-        default=True, description="Prefix (block) reuse across requests."
-    )
-    enable_partial_reuse: bool = Field(default=True, description="Reuse partially matched blocks.")
-    free_gpu_memory_fraction: float | None = Field(
-        default=0.9,
-        gt=0.0,
-        lt=1.0,
-        description="Share of free GPU memory for KV blocks (engine default 0.9).",
-    )
-    max_kv_cache_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        description="KvCacheConfig.max_tokens; with free_gpu_memory_fraction the minimum wins.",
-    )
-    host_cache_size: int | None = Field(
-        default=None, ge=0, description="Bytes of host (secondary) KV cache for offloaded blocks."
-    )
-    decode_retention_priority: int = Field(
-        default=35,
-        ge=0,
-        le=100,
-        description="Retention priority of generated blocks when a request pins a prompt range.",
-    )
-    event_buffer_max_size: int = Field(
-        default=16384,
-        ge=0,
-        description="KV event queue length; 0 disables KV events (the router then predicts).",
-    )
-    # Threads
-    await_timeout_ms: float = Field(
-        default=10.0,
-        gt=0.0,
-        description="await_responses timeout; bounds how long shutdown waits for the awaiter.",
-    )
-    stats_period_s: float = Field(
-        default=1.0, gt=0.0, description="How often iteration stats (KV usage, queue) are polled."
-    )
-    kv_events_timeout_ms: float = Field(
-        default=0.0,
-        ge=0.0,
-        description="get_latest_events timeout. It holds the GIL while waiting, so keep it 0 "
-        "and let kv_events_poll_period_ms pace the thread.",
-    )
-    kv_events_poll_period_ms: float = Field(
-        default=20.0, gt=0.0, description="Sleep between KV event polls that found nothing."
-    )
-    max_tracked_block_hashes: int = Field(
-        default=65536, ge=1, description="Bound on the stored-block hashes kept for routing."
-    )
-    routing_block_hashes: int = Field(
-        default=4096,
-        ge=0,
-        description="How many of the most recent block hashes routing_stats() reports.",
-    )
+from deployments.config import TrtllmConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +75,54 @@ def parse_engine_layout(raw: Mapping[str, Any]) -> EngineLayout:
         vocab_size=None if vocab_size is None else int(vocab_size),
         architecture=pretrained.get("architecture"),
     )
+
+
+def is_engine_dir(model_dir: str | Path) -> bool:
+    """True for a trtllm-build output dir (its config.json has pretrained_config and
+    build_config); False for a Hugging Face checkpoint or anything else."""
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "build_config" in raw and "pretrained_config" in raw
+
+
+def resolve_backend(config: TrtllmConfig, model_dir: str | Path) -> Literal["pytorch", "tensorrt"]:
+    if config.backend != "auto":
+        return config.backend
+    return "tensorrt" if is_engine_dir(config.engine_dir or model_dir) else "pytorch"
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    return any(
+        (Path(directory) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")
+    )
+
+
+def resolve_guided_backend(
+    config: TrtllmConfig, backend: Literal["pytorch", "tensorrt"], tokenizer_dir: str | Path
+) -> Literal["llguidance", "xgrammar"] | None:
+    """The grammar backend (None: no guided decoding). `auto` turns it off when `tokenizer_dir` holds no
+    tokenizer (an engine directory alone); a backend named explicitly then fails at load instead.
+
+    Raises:
+        ValueError: llguidance on a trtllm-build engine, which the 1.2 C++ runtime refuses
+            ("LLGuidance is not supported for guided decoding in C++ runtime.", guidedDecoder.cpp).
+    """
+    choice = config.guided_decoding_backend
+    if choice == "none":
+        return None
+    if choice == "auto":
+        if not has_tokenizer(tokenizer_dir):
+            return None
+        return "llguidance" if backend == "pytorch" else "xgrammar"
+    if choice == "llguidance" and backend == "tensorrt":
+        raise ValueError(
+            "trtllm.guided_decoding_backend: llguidance runs on the PyTorch backend only; a "
+            "trtllm-build engine (the C++ runtime) supports xgrammar"
+        )
+    return choice
 
 
 def read_engine_layout(engine_dir: str | Path) -> EngineLayout:

@@ -12,7 +12,7 @@ import collections
 import hashlib
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
@@ -64,10 +64,30 @@ class KvBlockIndex:
                 if hasattr(data, "num_blocks_per_cache_level"):  # created: a (re)started engine
                     self._routing_hash.clear()
                 elif hasattr(data, "blocks"):
-                    self._store(data.parent_hash, data.blocks)
+                    blocks = [(b.block_hash, [t.token_id for t in b.tokens]) for b in data.blocks]
+                    self._store(data.parent_hash, blocks)
                 elif hasattr(data, "block_hashes"):
-                    for engine_hash in data.block_hashes:
-                        self._routing_hash.pop(engine_hash, None)
+                    self._remove(data.block_hashes)
+
+    def apply_serialized(self, events: Iterable[Mapping[str, Any]]) -> None:
+        """Applies the LLM API's events: `KVCacheEventSerializer` dicts, e.g. `{"event_id": 3,
+        "data": {"type": "stored", "parent_hash": None, "blocks": [{"block_hash": ..., "tokens":
+        [{"token_id": ...}, ...]}, ...]}, "window_size": ...}` (tensorrt_llm/_utils.py)."""
+        with self._lock:
+            for event in events:
+                self.num_events += 1
+                data = event.get("data") or {}
+                kind = data.get("type")
+                if kind == "created":
+                    self._routing_hash.clear()
+                elif kind == "stored":
+                    blocks = [
+                        (b["block_hash"], [t["token_id"] for t in b.get("tokens", [])])
+                        for b in data.get("blocks", [])
+                    ]
+                    self._store(data.get("parent_hash"), blocks)
+                elif kind == "removed":
+                    self._remove(data.get("block_hashes", []))
 
     def recent_hashes(self, limit: int) -> list[int]:
         """Up to `limit` routing hashes, most recently stored first."""
@@ -75,19 +95,45 @@ class KvBlockIndex:
             snapshot = list(self._routing_hash.values())
         return snapshot[::-1][:limit]
 
-    def _store(self, parent_engine_hash: int | None, blocks: Sequence[Any]) -> None:
+    def _remove(self, engine_hashes: Iterable[int]) -> None:
+        for engine_hash in engine_hashes:
+            self._routing_hash.pop(engine_hash, None)
+
+    def _store(
+        self, parent_engine_hash: int | None, blocks: Sequence[tuple[int, list[int]]]
+    ) -> None:
         parent: int | None = None
         if parent_engine_hash is not None:
             parent = self._routing_hash.get(parent_engine_hash)
             if parent is None:
                 self.num_skipped_blocks += len(blocks)
                 return
-        for block in blocks:
-            token_ids = [token.token_id for token in block.tokens]
+        for engine_hash, token_ids in blocks:
             if len(token_ids) < self._tokens_per_block:
                 break  # partial blocks are never matched by a prefix
             parent = chain_block_hashes(token_ids, self._tokens_per_block, parent)[0]
-            self._routing_hash[block.block_hash] = parent
-            self._routing_hash.move_to_end(block.block_hash)
+            self._routing_hash[engine_hash] = parent
+            self._routing_hash.move_to_end(engine_hash)
         while len(self._routing_hash) > self._max_blocks:
             self._routing_hash.popitem(last=False)
+
+
+def routing_stats(
+    stats: Any, index: KvBlockIndex, *, tokens_per_block: int, has_kv_events: bool, num_hashes: int
+) -> dict[str, Any]:
+    """What a KV-aware router needs from a TensorRT-LLM replica (both executors; cheap, loop-safe).
+
+    `kv_block_hashes` are routing hashes (`chain_block_hashes`) of the most recently stored blocks, at most
+    `num_hashes`. When `has_kv_events` is False (orchestrator mode, or events disabled) the router must
+    predict prefixes itself. `stats` is the executor's `ExecutorStats`.
+    """
+    return {
+        "queue_depth": stats.num_queued_requests,
+        "num_active_requests": stats.num_active_requests,
+        "kv_cache_usage": stats.kv_cache_usage,
+        "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
+        "tokens_per_block": tokens_per_block,
+        "has_kv_events": has_kv_events,
+        "num_tracked_blocks": len(index),
+        "kv_block_hashes": index.recent_hashes(num_hashes),
+    }

@@ -60,6 +60,16 @@ def tool_pairs(messages: Sequence[Message], start: int) -> list[range]:
     return pairs
 
 
+def unevictable(messages: Sequence[Message]) -> list[Message]:
+    """The messages no eviction removes: the current user message and what follows it outside tool-call
+    pairs. Without a user message, none (the turn may continue one that an eviction can drop)."""
+    if not any(message["role"] == "user" for message in messages):
+        return []
+    current = _current_turn_start(messages)
+    paired = {index for span in tool_pairs(messages, current + 1) for index in span}
+    return [m for index, m in enumerate(messages) if index >= current and index not in paired]
+
+
 def plan_eviction(
     messages: Sequence[Message], fits: Callable[[list[Message]], bool]
 ) -> EvictionPlan:

@@ -1,4 +1,4 @@
-"""Session calls over HTTP shared by the session tests (plain `serve run` and behind HAProxy)."""
+"""Session calls over HTTP shared by the session tests (behind HAProxy and behind Serve's proxy)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ def get_session(base_url: str, session_id: str, headers: dict[str, str] = AUTH) 
     return httpx.get(f"{base_url}/v1/sessions/{session_id}", headers=headers)
 
 
-def cut_a_turn_short(base_url: str, session_id: str, text: str) -> None:
-    """Starts a long streamed turn, checks that a concurrent turn gets 409, disconnects mid-stream, then
-    waits until the session takes a (2-token) turn again: the Router saw the disconnect and freed it."""
-    body = {
+def long_turn(session_id: str, text: str) -> dict[str, Any]:
+    """A streamed session turn of 1,500 tokens: long enough to interrupt."""
+    return {
         "model": MODEL,
         "messages": [{"role": "user", "content": text}],
         "max_tokens": 1500,
@@ -33,6 +32,12 @@ def cut_a_turn_short(base_url: str, session_id: str, text: str) -> None:
         "stream": True,
         "session_id": session_id,
     }
+
+
+def cut_a_turn_short(base_url: str, session_id: str, text: str) -> None:
+    """Starts a long streamed turn, checks that a concurrent turn gets 409, disconnects mid-stream, then
+    waits until the session takes a (2-token) turn again: the Router saw the disconnect and freed it."""
+    body = long_turn(session_id, text)
     with httpx.stream(
         "POST", f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60
     ) as response:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 def test_disconnect_mid_stream_cancels_the_engine_request(
     base_url: str, engine_handle: Any
 ) -> None:
-    before = engine_handle.stats.remote().result()
+    before = engine_handle.stats.remote().result().executor
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "write a lot"}],
@@ -36,7 +36,7 @@ def test_disconnect_mid_stream_cancels_the_engine_request(
     # The connection is closed here, long before 1,800 tokens could have been generated.
     deadline = time.monotonic() + 20
     while True:
-        stats = engine_handle.stats.remote().result()
+        stats = engine_handle.stats.remote().result().executor
         if (
             stats.num_cancelled_requests > before.num_cancelled_requests
             and stats.num_active_requests == 0

@@ -23,13 +23,15 @@ import pytest
 
 from tests.e2e.conftest import AUTH, MODEL
 
-pytestmark = pytest.mark.e2e
+# `target` takes the shared app through getfixturevalue (or another server): tests/conftest.py cannot see it.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("shared-serve-app")]
 
 REQUEST_TIMEOUT_S = 30.0
 OK_MESSAGES = [{"role": "user", "content": "hi"}]
 # (method, path) -> (positive, negative) examples; paths without inputs only have one distinct case.
 ROUTES: dict[tuple[str, str], tuple[int, int]] = {
-    ("POST", "/v1/chat/completions"): (200, 200),
+    # Chat bodies are the costliest to draw (about 0.15 s each on a 2-core machine, in Hypothesis itself).
+    ("POST", "/v1/chat/completions"): (150, 150),
     ("POST", "/v1/completions"): (130, 130),
     ("POST", "/tokenize"): (70, 70),
     ("POST", "/detokenize"): (50, 50),
@@ -37,6 +39,18 @@ ROUTES: dict[tuple[str, str], tuple[int, int]] = {
     # A path parameter is any string: there is no negative case to generate for it.
     ("GET", "/v1/sessions/{session_id}"): (80, 0),
     ("DELETE", "/v1/sessions/{session_id}"): (80, 0),
+    ("POST", "/v1/responses"): (40, 40),
+    ("GET", "/v1/responses/{response_id}"): (15, 0),
+    ("DELETE", "/v1/responses/{response_id}"): (15, 0),
+    ("GET", "/v1/responses/{response_id}/input_items"): (15, 0),
+    ("POST", "/v1/conversations"): (20, 20),
+    ("GET", "/v1/conversations/{conversation_id}"): (15, 0),
+    ("POST", "/v1/conversations/{conversation_id}"): (15, 15),
+    ("DELETE", "/v1/conversations/{conversation_id}"): (15, 0),
+    ("GET", "/v1/conversations/{conversation_id}/items"): (15, 0),
+    ("POST", "/v1/conversations/{conversation_id}/items"): (15, 15),
+    ("GET", "/v1/conversations/{conversation_id}/items/{item_id}"): (15, 0),
+    ("DELETE", "/v1/conversations/{conversation_id}/items/{item_id}"): (15, 0),
     ("GET", "/v1/models"): (5, 0),
     ("GET", "/health"): (5, 0),
     ("GET", "/metrics"): (5, 0),
@@ -48,12 +62,17 @@ BODY_MODELS = {
     "/tokenize": "TokenizeRequest",
     "/detokenize": "DetokenizeRequest",
     "/v1/sessions": "CreateSessionRequest",
+    "/v1/responses": "protocol_responses:ResponsesRequest",
+    "/v1/conversations": "protocol_responses:ConversationCreateRequest",
+    "/v1/conversations/{conversation_id}": "protocol_responses:ConversationUpdateRequest",
+    "/v1/conversations/{conversation_id}/items": "protocol_responses:ItemsCreateRequest",
 }
 # Positive bodies reach the engine: keep each generation short (see the module docstring).
 POSITIVE_BOUNDS: dict[str, dict[str, Any]] = {
     "model": {"const": MODEL},
     "max_tokens": {"type": "integer", "minimum": 1, "maximum": 8},
     "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": 8},
+    "max_output_tokens": {"type": "integer", "minimum": 1, "maximum": 8},
     "n": {"type": "integer", "minimum": 1, "maximum": 2},
 }
 executed: dict[str, int] = {}
@@ -76,7 +95,7 @@ def served_schema(target: str) -> dict[str, Any]:
 
 def with_bodies(served: dict[str, Any], *, positive: bool) -> dict[str, Any]:
     """The served schema plus JSON request bodies from the protocol models (bounded when `positive`)."""
-    from deployments import protocol
+    import importlib
 
     schema = copy.deepcopy(served)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -84,7 +103,9 @@ def with_bodies(served: dict[str, Any], *, positive: bool) -> dict[str, Any]:
         operation = schema["paths"].get(path, {}).get("post")
         if operation is None or "requestBody" in operation:
             continue
-        body = getattr(protocol, model_name).model_json_schema(
+        module, _, model_name = model_name.rpartition(":")
+        models = importlib.import_module(f"deployments.{module or 'protocol'}")
+        body = getattr(models, model_name).model_json_schema(
             ref_template="#/components/schemas/{model}"
         )
         components.update(body.pop("$defs", {}))
@@ -92,8 +113,9 @@ def with_bodies(served: dict[str, Any], *, positive: bool) -> dict[str, Any]:
             body["properties"].update(
                 {k: v for k, v in POSITIVE_BOUNDS.items() if k in body["properties"]}
             )
-            if "max_tokens" in body["properties"]:
-                body["required"] = sorted({*body.get("required", []), "max_tokens"})
+            for bound in ("max_tokens", "max_output_tokens"):
+                if bound in body["properties"]:
+                    body["required"] = sorted({*body.get("required", []), bound})
         components[model_name] = body
         operation["requestBody"] = {
             "required": True,
@@ -185,9 +207,24 @@ def test_generated_requests_never_get_a_5xx_or_hang(
     assert not failures, f"{len(failures)} failing cases, first ones:\n" + "\n".join(failures[:5])
 
 
-def test_zz_at_least_1000_cases_ran_and_the_server_still_serves(target: str) -> None:
-    if len(executed) < len(ROUTES) - 1:  # /metrics may be absent
-        pytest.skip("only part of the fuzz ran (a -k selection)")
+def test_zz_at_least_1000_cases_ran_and_the_server_still_serves(
+    target: str, served_schema: dict[str, Any], request: pytest.FixtureRequest
+) -> None:
+    selected = [
+        item.callspec.params
+        for item in request.session.items
+        if getattr(item, "originalname", None)
+        == test_generated_requests_never_get_a_5xx_or_hang.__name__
+    ]
+    if len(selected) < len(ROUTES):
+        pytest.skip("only part of the fuzz was selected (a -k selection)")
+    # Every route the server serves must have been fuzzed; one that was selected but never ran fails here.
+    served = [
+        f"{params['method']} {params['path']}"
+        for params in selected
+        if params["method"].lower() in served_schema["paths"].get(params["path"], {})
+    ]
+    assert served and all(executed.get(label, 0) > 0 for label in served), (served, executed)
     total = sum(executed.values())
     print(f"fuzz: {total} generated cases", json.dumps(executed))
     assert total >= MIN_TOTAL_CASES, executed

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from cluster.local import local_ray, run_module
 from deployments.messages import GenerateRequest
-from deployments.routing import RoutingConfig, RoutingPolicy, engine_request_router_config
-from tests.e2e.conftest import run_module_for_result
+from deployments.transport.policy import RoutingConfig, RoutingPolicy
+from deployments.transport.serve_router import engine_request_router_config
 
 pytestmark = pytest.mark.e2e
 
@@ -74,17 +74,9 @@ async def _drive(handle: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    import ray
     from ray import serve
 
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        logging_level=logging.ERROR,
-        log_to_driver=False,
-    )
-    try:
+    with local_ray(num_cpus=4):
         serve.start(proxy_location="Disabled")
         deployment: Any = serve.deployment(
             ReplicaEcho,
@@ -96,13 +88,10 @@ def main() -> None:
         )
         handle = serve.run(deployment.bind(), name="routing-e2e", route_prefix=None)
         print(RESULT_PREFIX + json.dumps(asyncio.run(_drive(handle))), flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_each_session_stays_on_its_ring_owner_and_both_replicas_serve() -> None:
-    run = run_module_for_result("tests.e2e.test_routing_e2e", RESULT_PREFIX, 120)
+    run = run_module("tests.e2e.test_routing_e2e", RESULT_PREFIX, 120)
     assert run.returncode == 0 and run.result is not None, run.output[-4000:]
     result = run.result
 

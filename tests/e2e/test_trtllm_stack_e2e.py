@@ -1,10 +1,11 @@
-"""The whole router stack on the TensorRT-LLM backend: real Ray Serve, HTTP, the bindings double.
+"""The whole router stack on the TensorRT-LLM backend: real Ray Serve, HTTP, the bindings double; and, in the
+same cluster, a tensor-parallel transformers engine whose rank dies.
 
 The app runs in a subprocess (`python -m tests.e2e.test_trtllm_stack_e2e CONFIG`) with its own fresh
 local Ray, because this pytest process may already drive the suite's `serve run` cluster. It serves
 `build_app` with `engine.kind: trtllm` over a double engine dir whose vocabulary is the embedded
 tokenizer's, and answers one JSON command per stdin line (Engine handle calls, deploying and deleting
-the TP=2 app) with one JSON line on stdout. The double appends what its engine was asked, and how each
+the TP=2 apps) with one JSON line on stdout. The double appends what its engine was asked, and how each
 request ended, to `$SHEPHERD_TRTLLM_DOUBLE_RECORD`, which this process reads.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import queue
 import signal
@@ -27,12 +27,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
+import psutil
 import pytest
+import yaml
 
-from tests.e2e.conftest import REPO, _kill_session
+from cluster.local import REPO, kill_session, local_ray, merge
+from deployments.executors.hf_tp import RANK_MODULE
+from tests.e2e.conftest import MODEL as TINY_MODEL
+from tests.e2e.conftest import TINY_CONFIG
 from tests.trtllm_support import (
     require_double,
     require_mpi,
+    wait_until_gone,
     worker_pythonpath,
     write_double_engine,
 )
@@ -40,6 +46,7 @@ from tests.trtllm_support import (
 pytestmark = pytest.mark.e2e
 
 APP, APP_TP2 = "trtllm", "trtllm-tp2"
+APP_TRANSFORMERS_TP2 = "transformers-tp2"
 MODEL = "shepherd-tiny-trtllm"
 API_KEY = "trtllm-stack-key"
 REPLY_PREFIX = "TRTLLM-STACK "
@@ -63,7 +70,8 @@ def app_args(engine_dir: str, tokenizer_dir: str, *, num_gpus: int) -> dict[str,
         "engine": {
             "kind": "trtllm",
             "num_gpus_per_replica": num_gpus,
-            "trtllm": {"stats_period_s": 0.05},
+            # The tokenizer beside the engine turns on guided decoding (xgrammar on the C++ runtime).
+            "trtllm": {"stats_period_s": 0.05, "tokenizer_dir": tokenizer_dir},
         },
     }
 
@@ -95,17 +103,11 @@ def _execute(command: dict[str, Any], config: dict[str, Any]) -> Any:
     from deployments import build_app
 
     op = command["op"]
-    if op == "recent_requests":
-        return (
-            serve.get_deployment_handle("Engine", app_name=command["app"])
-            .recent_requests.remote()
-            .result()
-        )
     if op == "stats":
         stats = (
             serve.get_deployment_handle("Engine", app_name=command["app"]).stats.remote().result()
         )
-        return dataclasses.asdict(stats)
+        return dataclasses.asdict(stats.executor)
     if op == "deploy_tp2":
         args = app_args(config["engine_dir_tp2"], config["tokenizer_dir"], num_gpus=2)
         serve.run(build_app(args), name=APP_TP2, route_prefix="/tp2")
@@ -113,30 +115,33 @@ def _execute(command: dict[str, Any], config: dict[str, Any]) -> Any:
     if op == "delete_tp2":
         serve.delete(APP_TP2)  # blocks until the replica ran Engine.__del__ and exited
         return None
+    if op == "deploy":
+        serve.run(build_app(command["args"]), name=command["app"], route_prefix=command["prefix"])
+        return None
+    if op == "delete":
+        serve.delete(command["app"])
+        return None
     if op == "exit":
         return None
     raise ValueError(f"unknown command {op!r}")
 
 
 def main() -> None:
-    import ray
+    config = json.loads(sys.argv[1])
+    commands, replies = _private_channel()
+    # Fake GPUs: the double needs none, but placement reserves num_gpus_per_replica (1 for TP=1, 2 for TP=2).
+    # CPUs: room for every app at once, and for a replacement Engine beside the one it replaces.
+    with local_ray(num_cpus=6, num_gpus=3) as context:
+        # Replica logs, for a failure's post-mortem: app.log (this process's stderr) names them.
+        print(f"Ray session: {context.address_info['session_dir']}", file=sys.stderr, flush=True)
+        _serve_commands(config, commands, replies)
+
+
+def _serve_commands(config: dict[str, Any], commands: TextIO, replies: TextIO) -> None:
     from ray import serve
 
     from deployments import build_app
 
-    config = json.loads(sys.argv[1])
-    commands, replies = _private_channel()
-    # Fake GPUs: the double needs none, but placement reserves num_gpus_per_replica (1 for TP=1, 2 for TP=2).
-    context = ray.init(
-        address="local",
-        num_cpus=4,
-        num_gpus=3,
-        include_dashboard=False,
-        logging_level=logging.ERROR,
-        log_to_driver=False,
-    )
-    # Replica logs, for a failure's post-mortem: app.log (this process's stderr) names them.
-    print(f"Ray session: {context.address_info['session_dir']}", file=sys.stderr, flush=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": config["port"]})
         args = app_args(config["engine_dir"], config["tokenizer_dir"], num_gpus=1)
@@ -156,9 +161,9 @@ def main() -> None:
     finally:
         # A TP=2 replica still up would leave its MPI daemon behind (it runs in a session of its own):
         # stop it gracefully; every other process goes with the cluster.
-        if APP_TP2 in serve.status().applications:
-            serve.delete(APP_TP2)
-        ray.shutdown()
+        for name in (APP_TP2, APP_TRANSFORMERS_TP2):
+            if name in serve.status().applications:
+                serve.delete(name)
 
 
 # ---- the pytest side -----------------------------------------------------------------------------
@@ -301,7 +306,7 @@ def stack(
             except subprocess.TimeoutExpired:
                 pass
         process.kill()
-        _kill_session(process.pid)  # whatever Ray daemons the subprocess's cluster left behind
+        kill_session(process.pid)  # whatever Ray daemons the subprocess's cluster left behind
         deadline = time.monotonic() + 15
         while (left := session_pids(process.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -403,10 +408,30 @@ def test_streamed_chat_arrives_in_pieces_and_equals_the_whole_greedy_reply(
     assert all(e["retention"] is None for e in asked)  # no session, no system prompt to pin
 
 
+def test_a_json_schema_reaches_the_engine_as_its_guide_and_lark_needs_llguidance(
+    stack: Stack,
+) -> None:
+    import openai
+
+    client = stack.client()
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    mark = len(stack.record())
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    chat(client, "answer in JSON", max_tokens=4, response_format=response_format)
+    chat(client, "any object", max_tokens=4, response_format={"type": "json_object"})
+    asked = [e["guided_decoding"] for e in stack.record(mark) if e["event"] == "enqueue"]
+    assert asked == [["JSON_SCHEMA", json.dumps(schema)], ["JSON", None]]
+    # A forced tool call is a Lark grammar, which xgrammar (the C++ runtime's backend) does not read.
+    weather = {"type": "function", "function": {"name": "get_weather"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, "weather?", tools=[weather], tool_choice="required")
+    assert refused.value.body["param"] == "tool_choice"
+
+
 def test_three_session_turns_continue_exact_tokens_and_pin_the_system_prompt(
     stack: Stack, tokenizer: Any
 ) -> None:
-    from deployments.tokenization import ChatTemplate
+    from deployments.templating import ChatTemplate
 
     headers = {"authorization": f"Bearer {API_KEY}"}
     created = httpx.post(
@@ -421,8 +446,8 @@ def test_three_session_turns_continue_exact_tokens_and_pin_the_system_prompt(
         for k in range(3)
     ]
 
-    recent = stack.command("recent_requests", app=APP)
-    prompts = [r["prompt_token_ids"] for r in recent if r["session_id"] == session_id]
+    # What the engine was asked, in order: the double records every enqueued Request.
+    prompts = [e["input_token_ids"] for e in stack.record(mark) if e["event"] == "enqueue"]
     assert len(prompts) == 3
     for k in range(2):
         previous, current, reply = prompts[k], prompts[k + 1], replies[k]
@@ -537,6 +562,98 @@ def test_tp2_orchestrator_serves_over_http_and_its_mpi_workers_exit_with_the_app
     stack.command("delete_tp2", timeout_s=60)
     left = wait_until_exited(mpi_processes, timeout_s=15)
     assert not left, f"MPI processes outlived their replica: {describe(left)}"
+
+
+# ---- a tensor-parallel transformers engine whose rank dies ---------------------------------------
+# It runs in this module's cluster: a cluster and `serve run` of its own cost a minute on two cores.
+REPLACEMENT_TIMEOUT_S = 180.0
+
+
+def rank_pids(session_id: int) -> list[int]:
+    """Rank processes whose ancestry leads into the app subprocess's session (its replicas start Open MPI's
+    daemon, which starts the ranks in a session of its own)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if RANK_MODULE not in (process.info["cmdline"] or []):
+                continue
+            if any(os.getsid(parent.pid) == session_id for parent in process.parents()):
+                found.append(process.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def answer(client: Any, *, stream: bool) -> str:
+    num_tokens = 8
+    reply = client.chat.completions.create(
+        model=TINY_MODEL,
+        messages=[{"role": "user", "content": "hello there"}],
+        max_tokens=num_tokens,
+        temperature=0,
+        stream=stream,
+    )
+    if stream:
+        return "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+    assert reply.usage.completion_tokens == num_tokens
+    return str(reply.choices[0].message.content)
+
+
+@pytest.mark.mpi
+def test_a_tensor_parallel_replica_serves_and_is_replaced_whole_when_a_rank_dies(
+    stack: Stack, model_dir: Path
+) -> None:
+    """The suite's tiny app with a transformers engine of two ranks on the CPU (the second spawned through
+    MPI by the Engine replica): the OpenAI API end to end, a rank that dies takes its whole replica with it
+    and Serve starts a new one, and no rank outlives the app."""
+    require_mpi()
+    import openai
+
+    args = yaml.safe_load((REPO / TINY_CONFIG).read_text())["applications"][0]["args"]
+    overrides = {
+        "model": {"path": str(model_dir)},
+        "engine": {
+            "transformers": {"tensor_parallel_size": 2, "num_blocks": 32},
+            # A dead rank fails three health checks in a row before Serve replaces the replica.
+            "health_check_period_s": 0.5,
+        },
+    }
+    stack.command(
+        "deploy",
+        timeout_s=START_TIMEOUT_S,
+        app=APP_TRANSFORMERS_TP2,
+        prefix=f"/{APP_TRANSFORMERS_TP2}",
+        args=merge(args, overrides),
+    )
+    session_id = stack.process.pid
+    client = stack.client(f"/{APP_TRANSFORMERS_TP2}")
+    seen: list[int] = []
+    # 1) the OpenAI API through a TP=2 replica
+    whole = answer(client, stream=False)
+    assert answer(client, stream=True) == whole
+    ranks = rank_pids(session_id)
+    assert len(ranks) == 1
+    seen += ranks
+
+    # 2) a dead rank fails the replica's health check; Serve replaces the replica with all its ranks
+    os.kill(ranks[0], signal.SIGKILL)
+    deadline = time.monotonic() + REPLACEMENT_TIMEOUT_S
+    replaced: str | None = None
+    while replaced is None and time.monotonic() < deadline:
+        new_ranks = [pid for pid in rank_pids(session_id) if pid not in seen]
+        if new_ranks:
+            seen += new_ranks
+            try:
+                replaced = answer(client, stream=False)
+            except openai.APIError:
+                pass  # the new replica is still starting, or the router has not seen it yet
+        time.sleep(0.25)
+    assert replaced == whole, stack.log_tail()
+    assert len(rank_pids(session_id)) == 1
+
+    # 3) stopping the app ends every rank it ever had
+    stack.command("delete", app=APP_TRANSFORMERS_TP2)
+    assert wait_until_gone(seen, timeout_s=30) == []
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.embedded_model import build_embedded_model, generate_corpus
-from deployments.tokenization import ChatTemplate
+from deployments.templating import ChatTemplate
 
 
 def _digest(directory: Path, name: str) -> str:

@@ -36,8 +36,7 @@ def test_no_sequences_passes_everything_through() -> None:
 
 def test_collector_returns_a_pending_delta_then_the_error() -> None:
     from deployments.errors import EngineDead
-    from deployments.executors.base import DeltaCollector
-    from deployments.messages import TokenDelta
+    from deployments.messages import DeltaCollector, TokenDelta
 
     async def main() -> None:
         collector = DeltaCollector()
@@ -54,8 +53,7 @@ def test_collector_returns_a_pending_delta_then_the_error() -> None:
 # ---- the stream interval: fewer, larger items, the same tokens, nothing held back ----------------------
 def _interval_items(sizes: list[int], num_tokens: int) -> list[Any]:
     """Deltas of `sizes` tokens (the last one final) put one at a time, a consumer that keeps up."""
-    from deployments.executors.base import DeltaCollector
-    from deployments.messages import FinishReason, TokenDelta
+    from deployments.messages import DeltaCollector, FinishReason, TokenDelta
 
     async def main() -> list[Any]:
         collector = DeltaCollector(num_tokens)
@@ -107,8 +105,7 @@ def test_interval_does_not_split_larger_deltas() -> None:
 
 def test_held_tokens_go_out_before_the_error() -> None:
     from deployments.errors import EngineError
-    from deployments.executors.base import DeltaCollector
-    from deployments.messages import TokenDelta
+    from deployments.messages import DeltaCollector, TokenDelta
 
     async def main() -> None:
         collector = DeltaCollector(8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,7 +14,12 @@ import pytest
 from deployments.config import EmulatorConfig, EngineConfig
 from deployments.engine import create_executor
 from deployments.errors import EngineDead
-from deployments.executors.emulator import EmulatorExecutor, read_vocab_size, visible_token_ids
+from deployments.executors.emulator import (
+    PUBLISHED_PREFILL_TOKENS_PER_S,
+    EmulatorExecutor,
+    read_vocab_size,
+    visible_token_ids,
+)
 from deployments.messages import FinishReason, GenerateRequest, TokenDelta
 
 # Zero latencies keep the tests fast; none of them asserts on time.
@@ -229,3 +235,73 @@ def test_a_stream_interval_groups_tokens_after_the_first(model_dir: Path) -> Non
     assert sizes[0] == 1  # the first token alone: TTFT does not change
     assert all(size >= 4 for size in sizes[1:-1]) and len(sizes) <= 4
     assert grouped[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_a_repeated_prefix_reports_its_cached_tokens_and_the_stats_count_them(
+    model_dir: Path,
+) -> None:
+    config = EmulatorConfig(ttft_ms=0, itl_ms=0, num_kv_blocks=64, tokens_per_block=4)
+    history = list(range(100, 118))  # 18 tokens: 4 full blocks of 4 before the last token
+
+    async def body(executor: EmulatorExecutor) -> tuple[list[TokenDelta], list[TokenDelta], Any]:
+        first = await collect(executor.generate(request("first", max_tokens=3, prompt=history)))
+        # The next turn continues from the first turn's prompt and output, as a session does.
+        turn = history + token_ids_of(first) + [7, 8, 9, 10, 11]
+        second = await collect(executor.generate(request("second", max_tokens=3, prompt=turn)))
+        return first, second, executor.stats()
+
+    first, second, stats = run(model_dir, config, body)
+    assert first[0].num_cached_tokens == 0
+    assert first[0].num_prompt_tokens == 18 and second[0].num_prompt_tokens == 26
+    # 18 prompt + 3 output tokens without the last: 5 full blocks were kept for reuse.
+    assert second[0].num_cached_tokens == 20
+    assert all(delta.num_cached_tokens == 0 for delta in second[1:])
+    assert (stats.num_cached_prompt_tokens, stats.num_uncached_prompt_tokens) == (20, 24)
+    assert stats.prefix_cache_hit_rate == pytest.approx(20 / 44)
+    assert stats.kv_cache_usage == pytest.approx(7 / 64)  # the second turn kept 28 of its 29 tokens
+
+
+def test_without_a_prefix_cache_nothing_is_cached_and_the_stats_say_nothing(
+    model_dir: Path,
+) -> None:
+    config = EmulatorConfig(ttft_ms=0, itl_ms=0, num_kv_blocks=0)
+
+    async def body(executor: EmulatorExecutor) -> tuple[list[TokenDelta], Any]:
+        prompt = list(range(100, 200))
+        await collect(executor.generate(request("first", prompt=prompt)))
+        return await collect(executor.generate(request("again", prompt=prompt))), executor.stats()
+
+    deltas, stats = run(model_dir, config, body)
+    assert deltas[0].num_cached_tokens == 0
+    assert stats.prefix_cache_hit_rate is None and stats.num_cached_prompt_tokens is None
+
+
+def test_prefill_time_counts_only_the_prompt_tokens_the_cache_lacks(model_dir: Path) -> None:
+    executor = EmulatorExecutor(
+        EmulatorConfig(ttft_ms=5, prefill_tokens_per_s=1000), str(model_dir)
+    )
+
+    assert executor.prefill_s(0) == pytest.approx(0.005)
+    assert executor.prefill_s(250) == pytest.approx(0.255)
+    unpriced = EmulatorExecutor(EmulatorConfig(ttft_ms=5), str(model_dir))
+    assert unpriced.prefill_s(10_000) == pytest.approx(0.005)
+
+
+def test_published_prefill_speed_is_the_h100_7b_first_token_latency_slope() -> None:
+    # 7 ms at 128 input tokens and 36 ms at 2048 in TensorRT-LLM's published H100 FP8 table.
+    assert PUBLISHED_PREFILL_TOKENS_PER_S == pytest.approx(66_207, rel=1e-3)
+    assert 0.007 + (2048 - 128) / PUBLISHED_PREFILL_TOKENS_PER_S == pytest.approx(0.036)
+
+
+def test_a_shutdown_that_was_asked_for_is_logged_below_error(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        executor = EmulatorExecutor(EmulatorConfig(ttft_ms=1, itl_ms=1), str(model_dir))
+        await executor.start()
+        await executor.shutdown()
+
+    with caplog.at_level(logging.INFO, logger="deployments.executors.base"):
+        asyncio.run(main())
+    deaths = [r for r in caplog.records if "executor is dead" in r.getMessage()]
+    assert [r.levelno for r in deaths] == [logging.INFO]

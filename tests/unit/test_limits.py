@@ -8,17 +8,9 @@ from typing import Any
 
 import pytest
 
-from deployments.errors import EngineDead, NotFoundError, OverloadedError
-from deployments.limits import (
-    ConcurrencyLimiter,
-    KeyConcurrencyExceeded,
-    LimitSettings,
-    PayloadTooLarge,
-    RequestGuard,
-    error_response,
-    key_id,
-    retry_after_header,
-)
+from deployments.auth import key_digest
+from deployments.errors import EngineDead, KeyConcurrencyExceeded, OverloadedError
+from deployments.limits import ConcurrencyLimiter, LimitSettings, RequestGuard
 
 AUTH_A = [(b"authorization", b"Bearer key-a")]
 AUTH_B = [(b"authorization", b"Bearer key-b")]
@@ -162,7 +154,7 @@ def test_per_key_limit_is_429_for_that_key_only() -> None:
         await asyncio.sleep(0.01)
         inner.gate.set()
         assert (await held)[0] == 200 and (await other)[0] == 200
-        assert guard.limiter.in_flight_of(key_id("Bearer key-a") or "") == 0
+        assert guard.limiter.in_flight_of(key_digest("Bearer key-a") or "") == 0
 
     asyncio.run(scenario())
 
@@ -176,7 +168,7 @@ def test_a_request_that_fails_or_is_cancelled_releases_its_permit() -> None:
         asyncio.run(call(guard, http_scope(headers=AUTH_A)))
     assert (
         guard.limiter.num_in_flight == 0
-        and guard.limiter.in_flight_of(key_id("Bearer key-a") or "") == 0
+        and guard.limiter.in_flight_of(key_digest("Bearer key-a") or "") == 0
     )
 
     async def cancelled() -> None:
@@ -217,23 +209,6 @@ def test_limiter_counts_per_key_and_forgets_idle_keys() -> None:
     assert limiter.num_in_flight == 0 and limiter.in_flight_of("a") == 0 and not limiter._per_key
 
 
-def test_key_id_hashes_bearer_keys_and_never_returns_the_key() -> None:
-    assert key_id(None) is None and key_id("Basic abc") is None and key_id("Bearer ") is None
-    ident = key_id("Bearer secret-key")
-    assert ident is not None and "secret" not in ident and ident == key_id("bearer  secret-key ")
-    assert ident != key_id("Bearer other-key")
-
-
-def test_retry_after_only_for_retryable_errors() -> None:
-    assert retry_after_header(EngineDead("gone")) == {"retry-after": "1"}
-    assert retry_after_header(OverloadedError("full"), default_s=0.2) == {"retry-after": "1"}
-    assert retry_after_header(NotFoundError("no")) == {}
-    assert retry_after_header(PayloadTooLarge("big")) == {}
-    response = error_response(OverloadedError("full"), retry_after_s=4)
-    assert response.status_code == 503 and response.headers["retry-after"] == "4"
-    assert json.loads(response.body)["error"]["type"] == "overloaded_error"
-
-
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -244,6 +219,17 @@ def test_retry_after_only_for_retryable_errors() -> None:
         (b'{"\\udfff": 1}', "surrogate"),
         (b'{"x": "\xff\xfe"}', "not valid JSON"),
         (b"{", "not valid JSON"),
+        # Raw UTF-8 bytes of a surrogate: json.loads(bytes) decodes with surrogatepass and let them through.
+        (
+            b'{"messages": [{"role": "user", "content": "a\xed\xa0\x80b"}]}',
+            "not valid UTF-8 at byte 44",
+        ),
+        (b'{"max_tokens": ' + b"7" * 5000 + b"}", "integer of more than 4300 digits"),
+        (b'{"seed": -' + b"9" * 4301 + b"}", "integer of more than 4300 digits"),
+        (b'{"tools": [{"parameters": {"maximum": NaN}}]}', "NaN is not a JSON number"),
+        (b'{"temperature": Infinity}', "Infinity is not a JSON number"),
+        (b'{"temperature": -Infinity}', "-Infinity is not a JSON number"),
+        (b'{"top_p": 1e999}', "1e999 overflows a 64-bit float"),
     ],
     ids=[
         "deep-array",
@@ -253,6 +239,13 @@ def test_retry_after_only_for_retryable_errors() -> None:
         "surrogate-key",
         "invalid-utf8",
         "truncated",
+        "raw-surrogate-bytes",
+        "huge-integer",
+        "huge-negative-integer",
+        "nan",
+        "infinity",
+        "minus-infinity",
+        "float-overflow",
     ],
 )
 def test_parse_json_refuses_bodies_that_would_fail_later(raw: bytes, message: str) -> None:
@@ -264,11 +257,16 @@ def test_parse_json_refuses_bodies_that_would_fail_later(raw: bytes, message: st
     assert message in raised.value.message and raised.value.status_code == 400
 
 
-def test_parse_json_accepts_64_levels_and_surrogate_pairs() -> None:
+def test_parse_json_accepts_64_levels_surrogate_pairs_and_the_largest_numbers() -> None:
     from deployments.limits import parse_json
 
     assert parse_json(b"[" * 64 + b"]" * 64) is not None
     assert parse_json(b'{"x": "\\ud83d\\ude00"}') == {"x": "\U0001f600"}
+    edge = parse_json(b'{"x": "\xf0\x9f\x98\x80", "n": 1.5e308, "i": -' + b"9" * 4300 + b"}")
+    assert edge["x"] == "\U0001f600" and edge["n"] == 1.5e308 and edge["i"] == -(10**4300 - 1)
+    assert parse_json('{"x": "ü"}'.encode("utf-16-le")) == {
+        "x": "ü"
+    }  # RFC 8259 encodings still detected
     assert parse_json(b'{"tools": [{"a": {"b": [1, {"c": null}]}}]}')["tools"][0]["a"]["b"][1] == {
         "c": None
     }
@@ -284,8 +282,8 @@ def test_refusals_are_counted_by_reason() -> None:
         guard = RequestGuard(EchoApp(), LimitSettings(max_body_bytes=1, max_in_flight=0))
         asyncio.run(call(guard, http_scope(headers=[(b"content-length", b"2")])))
         asyncio.run(call(guard, http_scope()))
-        error_response(OverloadedError("full", code="engine_overloaded"))
-        error_response(EngineDead("gone"))
+        metrics.count_rejection(OverloadedError("full", code="engine_overloaded"))
+        metrics.count_rejection(EngineDead("gone"))
         text = metrics.render_summary()[0].decode()
         counts = {
             s.labels["reason"]: s.value

@@ -67,8 +67,24 @@ def test_inconsistent_sizes_are_rejected(num_gpus: int, num_cpus: float, tp: int
         )
 
 
-def node(gpus: float, cpus: float = 8, *, alive: bool = True) -> dict[str, Any]:
-    return {"Alive": alive, "Resources": {"GPU": gpus, "CPU": cpus}}
+def test_custom_resources_pin_the_replica_and_its_bundle() -> None:
+    cpu = engine_deployment_options(
+        num_gpus=0,
+        num_cpus=1,
+        tensor_parallel_size=1,
+        uses_mpi=False,
+        custom_resources={"gpu_node": 1},
+    )
+    assert cpu["ray_actor_options"]["resources"] == {"gpu_node": 1}
+    tp = engine_deployment_options(
+        num_gpus=2, num_cpus=2, tensor_parallel_size=2, uses_mpi=True, custom_resources={"a100": 2}
+    )
+    assert tp["ray_actor_options"]["resources"] == {"a100": 2}
+    assert tp["placement_group_bundles"] == [{"CPU": 2, "GPU": 2, "a100": 2}]
+
+
+def node(gpus: float, cpus: float = 8, *, alive: bool = True, **custom: float) -> dict[str, Any]:
+    return {"Alive": alive, "Resources": {"GPU": gpus, "CPU": cpus, **custom}}
 
 
 def test_fit_check_accepts_a_node_with_enough_gpus_and_cpus() -> None:
@@ -83,11 +99,22 @@ def test_fit_check_names_what_is_missing() -> None:
         check_replica_fits(num_gpus=1, num_cpus=1, nodes=[])
 
 
+def test_fit_check_needs_a_node_that_advertises_the_custom_resources() -> None:
+    nodes = [node(0, router_node=1), node(0, gpu_node=1)]
+    check_replica_fits(num_gpus=0, num_cpus=1, nodes=nodes, custom_resources={"gpu_node": 1})
+    with pytest.raises(ValueError, match="no alive node advertises 'gpu_node'"):
+        check_replica_fits(
+            num_gpus=0, num_cpus=1, nodes=nodes[:1], custom_resources={"gpu_node": 1}
+        )
+
+
 # ---- a simulated cluster: two nodes (the head is one) with two fake GPUs each --------------------
 @pytest.fixture(scope="module")
 def gpu_cluster() -> Iterator[Any]:
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
+
+    from cluster.local import joined_ray
 
     node_args = {"num_cpus": 2, "num_gpus": 2}
     with pytest.MonkeyPatch.context() as env:
@@ -96,12 +123,11 @@ def gpu_cluster() -> Iterator[Any]:
             initialize_head=True, head_node_args={**node_args, "include_dashboard": False}
         )
         cluster.add_node(**node_args, wait=False)
-        ray.init(address=cluster.address, log_to_driver=False)
         try:
-            cluster.wait_for_nodes()
-            yield ray
+            with joined_ray(cluster.address):
+                cluster.wait_for_nodes()
+                yield ray
         finally:
-            ray.shutdown()
             cluster.shutdown()
 
 

@@ -12,8 +12,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments import responses
+from deployments.chat import ChoiceRun, Turn
 from deployments.generation import Generation
 from deployments.messages import FinishReason, GenerateRequest, TokenDelta
+from deployments.served_model import ServedModel
+from deployments.templating import ChatTemplate
 from deployments.tool_parsers import get_tool_parser
 
 REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "東京"}}\n</tool_call>'
@@ -23,11 +26,16 @@ class _Replay:
     """Stands in for the Router's `EngineClient`: yields the reply's ids `step` at a time."""
 
     def __init__(
-        self, token_ids: list[int], step: int = 3, finish: FinishReason = FinishReason.END_ID
+        self,
+        token_ids: list[int],
+        step: int = 3,
+        finish: FinishReason = FinishReason.END_ID,
+        num_cached_tokens: int = 0,
     ) -> None:
         self._token_ids = token_ids
         self._step = step
         self._finish = finish
+        self._num_cached_tokens = num_cached_tokens
 
     async def open(self, request: GenerateRequest) -> _Cancellable:
         async def stream() -> AsyncIterator[TokenDelta]:
@@ -38,6 +46,8 @@ class _Replay:
                     token_ids=ids[start : start + step],
                     finish_reason=self._finish if is_last else None,
                     logprobs=[-0.5] * len(ids[start : start + step]),
+                    num_prompt_tokens=len(request.prompt_token_ids) if start == 0 else 0,
+                    num_cached_tokens=self._num_cached_tokens if start == 0 else 0,
                 )
 
         return _Cancellable(stream())
@@ -54,24 +64,32 @@ class _Cancellable:
         pass
 
 
-async def _choice(tokenizer: Any, index: int = 0) -> responses.Choice:
+def _model(tokenizer: Any) -> ServedModel:
+    return ServedModel("m", 2048, ChatTemplate(tokenizer), tool_parser_family="hermes")
+
+
+async def _choice(tokenizer: Any, index: int = 0) -> ChoiceRun:
     token_ids = tokenizer.encode(REPLY)
     request = GenerateRequest(request_id=f"r{index}", prompt_token_ids=[1, 2, 3], max_tokens=100)
     generation = Generation(_Replay(token_ids), request, tokenizer, skip_special_tokens=False)
     await generation.start()
-    return responses.Choice(
-        index=index,
-        generation=generation,
-        events=generation.events(),
+    return ChoiceRun(
+        index,
+        generation,
+        _model(tokenizer),
         parser=get_tool_parser("hermes", make_id=lambda: "call_fixed"),
-        tokenizer=tokenizer,
         has_logprobs=True,
+        is_chat=True,
     )
+
+
+def _turn(runs: list[ChoiceRun], response_id: str = "chatcmpl-1") -> Turn:
+    return Turn(response_id, "m", runs)
 
 
 def test_whole_reply_carries_tool_calls_and_finish_reason(tokenizer: Any) -> None:
     async def main() -> Any:
-        return await responses.chat_response("m", "chatcmpl-1", [await _choice(tokenizer)])
+        return await responses.chat_response(_turn([await _choice(tokenizer)]))
 
     reply = asyncio.run(main())
     choice = reply.choices[0]
@@ -85,9 +103,7 @@ def test_whole_reply_carries_tool_calls_and_finish_reason(tokenizer: Any) -> Non
 
 def test_streamed_tool_call_deltas_follow_openai_and_never_leak_markup(tokenizer: Any) -> None:
     async def main() -> list[Any]:
-        chunks = responses.chat_chunks(
-            "m", "chatcmpl-1", [await _choice(tokenizer)], include_usage=True
-        )
+        chunks = responses.chat_chunks(_turn([await _choice(tokenizer)]), include_usage=True)
         return [chunk async for chunk in chunks]
 
     chunks = asyncio.run(main())
@@ -112,9 +128,8 @@ def test_streamed_tool_call_deltas_follow_openai_and_never_leak_markup(tokenizer
 def test_several_choices_are_interleaved_with_their_indexes(tokenizer: Any) -> None:
     async def main() -> list[Any]:
         choices = [await _choice(tokenizer, 0), await _choice(tokenizer, 1)]
-        return [
-            chunk async for chunk in responses.chat_chunks("m", "c", choices, include_usage=False)
-        ]
+        chunks = responses.chat_chunks(_turn(choices, "c"), include_usage=False)
+        return [chunk async for chunk in chunks]
 
     chunks = asyncio.run(main())
     finished = sorted(c.choices[0].index for c in chunks if c.choices[0].finish_reason)
@@ -130,17 +145,11 @@ def test_streamed_logprobs_cover_a_last_token_that_adds_no_text(tokenizer: Any) 
         replay = _Replay(token_ids, step=1, finish=FinishReason.LENGTH)
         generation = Generation(replay, request, tokenizer, skip_special_tokens=True)
         await generation.start()
-        choice = responses.Choice(
-            index=0,
-            generation=generation,
-            events=generation.events(),
-            parser=None,
-            tokenizer=tokenizer,
-            has_logprobs=True,
+        choice = ChoiceRun(
+            0, generation, _model(tokenizer), parser=None, has_logprobs=True, is_chat=True
         )
-        return [
-            chunk async for chunk in responses.chat_chunks("m", "c", [choice], include_usage=True)
-        ]
+        chunks = responses.chat_chunks(_turn([choice], "c"), include_usage=True)
+        return [chunk async for chunk in chunks]
 
     chunks = asyncio.run(main())
     entries = [
@@ -152,3 +161,31 @@ def test_streamed_logprobs_cover_a_last_token_that_adds_no_text(tokenizer: Any) 
     assert len(entries) == len(token_ids) == chunks[-1].usage.completion_tokens
     assert entries[-1].token == "<|im_end|>"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_usage_reports_the_cached_prompt_tokens_once_per_prompt(tokenizer: Any) -> None:
+    """Two choices of one prompt (`n=2`): the prompt and its cached tokens count once, the better match wins."""
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+    token_ids = tokenizer.encode("a short reply")
+
+    async def run(num_cached: int, index: int) -> ChoiceRun:
+        request = GenerateRequest(request_id=f"r{index}", prompt_token_ids=prompt, max_tokens=50)
+        replay = _Replay(token_ids, num_cached_tokens=num_cached)
+        generation = Generation(replay, request, tokenizer)
+        await generation.start()
+        return ChoiceRun(
+            index, generation, _model(tokenizer), parser=None, has_logprobs=False, is_chat=True
+        )
+
+    async def main() -> tuple[Any, list[Any]]:
+        whole = await responses.chat_response(_turn([await run(0, 0), await run(4, 1)]))
+        chunks = responses.chat_chunks(_turn([await run(4, 0)], "c"), include_usage=True)
+        return whole, [chunk async for chunk in chunks]
+
+    whole, chunks = asyncio.run(main())
+    assert whole.usage.prompt_tokens == len(prompt)
+    assert whole.usage.prompt_tokens_details.cached_tokens == 4
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 4
+    assert chunks[-1].model_dump(exclude_none=True)["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 4
+    }

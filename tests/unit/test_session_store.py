@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
-import socket
 import sqlite3
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -16,17 +14,15 @@ from typing import Any, TypeVar
 import pydantic
 import pytest
 
-from deployments.errors import ConflictError, OverloadedError
+from cluster.local import redis_server
+from deployments.config import SessionStoreConfig
+from deployments.errors import ConflictError, OverloadedError, TooManySessions
+from deployments.sessions.backends import open_session_store
+from deployments.sessions.cache import CachedSessionStore
+from deployments.sessions.redis import RedisSessionStore
+from deployments.sessions.sqlite import SQLiteSessionStore
 from deployments.sessions.state import Eviction, SessionState, new_session_id
-from deployments.sessions.store import (
-    CachedSessionStore,
-    RedisSessionStore,
-    SessionStore,
-    SessionStoreConfig,
-    SQLiteSessionStore,
-    TooManySessions,
-    open_session_store,
-)
+from deployments.sessions.store import SessionStore, lease_holder
 
 T = TypeVar("T")
 OpenStore = Callable[..., SessionStore]
@@ -41,50 +37,17 @@ def new_state(owner: str = "alice", **fields: Any) -> SessionState:
     return SessionState(owner=owner, model="shepherd-tiny", **fields)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _is_ponging(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = shutil.which("redis-server")
-    if server is None:
+    if shutil.which("redis-server") is None:
         pytest.skip(
             "REDIS BACKEND UNTESTED: redis-server is not on PATH (apt-get install redis-server)"
         )
     pytest.importorskip(
         "redis", reason="REDIS BACKEND UNTESTED: redis-py is not installed (pip install redis)"
     )
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    argv += ["--dir", str(workdir), "--logfile", str(workdir / "redis.log")]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not _is_ponging(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log = workdir / "redis.log"
-                tail = log.read_text()[-2000:] if log.exists() else ""
-                pytest.fail(
-                    f"redis-server did not start on port {port} (exit code {proc.poll()}):\n{tail}"
-                )
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -315,6 +278,51 @@ def test_turn_lease_is_exclusive_expires_and_only_holder_releases(open_store: Op
     run(main())
 
 
+def test_a_renewed_lease_outlives_its_ttl_and_a_lost_one_is_reported(open_store: OpenStore) -> None:
+    async def main() -> None:
+        replica_a, replica_b = open_store(), open_store()
+        try:
+            kept, dropped = new_session_id(), new_session_id()
+            token = await replica_a.acquire_turn(kept, ttl_s=0.3, holder="router-a")
+            stale = await replica_a.acquire_turn(dropped, ttl_s=0.3, holder="router-a")
+            assert token is not None and stale is not None
+            assert lease_holder(token) == "router-a"
+            for _ in range(4):  # 0.6 s, twice the TTL: each renewal extends it
+                await asyncio.sleep(0.15)
+                assert await replica_a.renew_turns({kept: token}, ttl_s=0.3) == []
+            assert await replica_b.acquire_turn(kept, ttl_s=5, holder="router-b") is None
+            # The other lease ran out and another holder took it: renewing it now fails.
+            successor = await replica_b.acquire_turn(dropped, ttl_s=5, holder="router-b")
+            assert successor is not None
+            assert await replica_a.renew_turns({kept: token, dropped: stale}, ttl_s=0.3) == [
+                dropped
+            ]
+            assert await replica_a.renew_turns({}, ttl_s=0.3) == []
+        finally:
+            await close_all(replica_a, replica_b)
+
+    run(main())
+
+
+def test_a_dead_holders_lease_is_free_after_its_ttl_across_a_restart(open_store: OpenStore) -> None:
+    """A router that dies mid-turn never releases; a fresh store (a restarted app) takes over after the TTL."""
+
+    async def main() -> None:
+        crashed = open_store()
+        session_id = new_session_id()
+        assert await crashed.acquire_turn(session_id, ttl_s=0.3, holder="router-a") is not None
+        await crashed.close()  # no release: the process is gone
+        restarted = open_store()
+        try:
+            assert await restarted.acquire_turn(session_id, ttl_s=5, holder="router-b") is None
+            await asyncio.sleep(0.35)
+            assert await restarted.acquire_turn(session_id, ttl_s=5, holder="router-b") is not None
+        finally:
+            await restarted.close()
+
+    run(main())
+
+
 def test_cached_store_never_serves_a_version_another_replica_replaced(
     open_store: OpenStore,
 ) -> None:
@@ -435,3 +443,12 @@ def test_open_session_store_builds_the_configured_backend(
     with pytest.raises(pydantic.ValidationError):
         SessionStoreConfig(idle_ttl_s=0)
     assert all(field.description for field in SessionStoreConfig.model_fields.values())
+
+
+def test_token_ids_are_stored_packed_and_rows_with_plain_lists_still_load() -> None:
+    state = new_state(token_ids=list(range(300)))
+    stored = json.loads(state.to_json())
+    assert isinstance(stored["token_ids"], str)  # packed (token_packing.py), not 300 JSON numbers
+    assert SessionState.from_json(state.to_json()) == state
+    stored["token_ids"] = list(range(300))  # a row written before packing
+    assert SessionState.from_json(json.dumps(stored)) == state

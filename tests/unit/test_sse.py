@@ -15,7 +15,9 @@ SCOPE: dict[str, Any] = {"type": "http", "headers": [(b"accept", b"text/event-st
 
 
 async def _never_receive() -> dict[str, Any]:
-    raise AssertionError("the response must not read the request (Serve watches for disconnects)")
+    """A client that stays connected: `receive()` has nothing to say until it leaves."""
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
 
 
 def test_sends_headers_then_each_chunk_then_the_end() -> None:
@@ -93,5 +95,63 @@ def test_with_serves_opt_out_header_the_response_itself_notices_the_client_leave
         response = sse.EventStreamResponse(body())
         await asyncio.wait_for(response(scope, receive, send), timeout=10)
         assert cleaned_up.is_set()
+
+    asyncio.run(main())
+
+
+def test_a_proxy_that_dies_mid_stream_ends_the_stream_and_its_cleanup_runs() -> None:
+    """Serve's proxy dies first on shutdown; Serve then does not cancel the request, but `receive()` raises
+    (RayActorError). The stream must end there, so that its turn aborts instead of running on unseen."""
+    cleaned_up = asyncio.Event()
+    first_sent = asyncio.Event()
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        try:
+            yield b"data: first\n\n"
+            await asyncio.sleep(3600)  # waiting for the engine's next token
+            yield b"data: never\n\n"
+        finally:
+            await asyncio.sleep(0)
+            cleaned_up.set()
+
+    async def receive() -> dict[str, Any]:
+        await first_sent.wait()
+        raise RuntimeError("the proxy actor died")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message.get("body"):
+            first_sent.set()
+
+    async def main() -> None:
+        await asyncio.wait_for(sse.EventStreamResponse(body())(SCOPE, receive, send), timeout=10)
+        assert cleaned_up.is_set()
+
+    asyncio.run(main())
+
+
+def test_a_client_that_leaves_after_done_does_not_cut_what_follows_it() -> None:
+    """The session commits after [DONE] was written; a client closing the connection then must not
+    cancel that."""
+    committed = asyncio.Event()
+    done_sent = asyncio.Event()
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        yield b"data: first\n\n"
+        yield sse.DONE
+        await asyncio.sleep(0.05)  # the commit
+        committed.set()
+
+    async def receive() -> dict[str, Any]:
+        await done_sent.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message.get("body") == sse.DONE:
+            done_sent.set()
+        await asyncio.sleep(0)
+
+    async def main() -> None:
+        await asyncio.wait_for(sse.EventStreamResponse(body())(SCOPE, receive, send), timeout=10)
+        assert committed.is_set()
 
     asyncio.run(main())

@@ -8,11 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from deployments.executors.trtllm_config import (
-    TrtllmConfig,
-    parse_engine_layout,
-    read_engine_layout,
-)
+from deployments.config import TrtllmConfig
+from deployments.executors.trtllm_config import parse_engine_layout, read_engine_layout
 
 ENGINE_CONFIG = {
     "version": "1.2.1",

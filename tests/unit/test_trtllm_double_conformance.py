@@ -402,3 +402,16 @@ def test_leader_mode_needs_a_world_of_tp_ranks(tmp_path: Path) -> None:
     engine_dir = support.write_double_engine(tmp_path / "engine", tp_size=2)
     with pytest.raises(RuntimeError, match="MPI worldSize is expected to be equal to tp"):
         tle.Executor(str(engine_dir), tle.ModelType.DECODER_ONLY, tle.ExecutorConfig(1))
+
+
+def test_retention_config_needs_an_explicit_directory() -> None:
+    """nanobind/executor/request.cpp (1.2.x) binds `KvCacheRetentionConfig` with
+    `nb::init<..., tle::KvCacheTransferMode, std::string>()` and `nb::arg("directory") = nb::none()`:
+    the None default cannot convert to `std::string`, so leaving `directory` out is a TypeError.
+    (Found in review against the real binding; the double used to accept it.)"""
+    support.require_double("pins the double's reading of the binding; the real one raises itself")
+    token_range = tle.KvCacheRetentionConfig.TokenRangeRetentionConfig(0, 4, 90)
+    with pytest.raises(TypeError):
+        tle.KvCacheRetentionConfig([token_range], decode_retention_priority=35)
+    config = tle.KvCacheRetentionConfig([token_range], decode_retention_priority=35, directory="")
+    assert config.directory == ""

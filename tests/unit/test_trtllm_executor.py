@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from deployments.config import TrtllmConfig
 from deployments.errors import EngineDead, EngineError, OverloadedError, RequestError
 from deployments.executors.trtllm import TrtllmExecutor
-from deployments.executors.trtllm_config import TrtllmConfig, read_engine_layout
+from deployments.executors.trtllm_config import read_engine_layout
 from deployments.executors.trtllm_kv_events import chain_block_hashes
 from deployments.executors.trtllm_requests import build_request
 from deployments.messages import (
@@ -419,6 +420,122 @@ def test_sampling_the_bindings_reject_is_a_request_error(engine_dir: Path) -> No
             with pytest.raises(RequestError, match="invalid request"):
                 await support.collect(executor, GenerateRequest("bad", PROMPT, 4, bad))
             executor.check_health()
+        finally:
+            await executor.shutdown()
+
+    support.run(scenario())
+
+
+# ---- 1.2 behaviours the double used to hide (each test fails on the code before issue #19) --------
+def test_streamed_logprobs_are_those_of_each_new_token(engine_dir: Path) -> None:
+    """The 1.2 Executor streams token ids as deltas but `log_probs` as the whole vector so far
+    (cpp/tensorrt_llm/batch_manager/llmRequest.cpp `createResult`; TensorRT-LLM's own
+    tensorrt_llm/executor/result.py slices `log_probs[src_idx][output._last_logprobs_len:]`).
+    Checked against the double's model, which knows every token's log probability."""
+    support.require_double("the expected log probabilities come from the double's model")
+    from tensorrt_llm.bindings.executor._engine import next_token
+
+    vocab_size = 1000  # write_double_engine's default
+
+    async def scenario() -> list[Any]:
+        executor = await started(make_config(engine_dir))
+        try:
+            request = support.greedy_request("lp", PROMPT, 16, return_logprobs=True)
+            return await support.collect(executor, request)
+        finally:
+            await executor.shutdown()
+
+    deltas = support.run(scenario())
+    # Several chunks (how many depends on timing): the bug showed from the second one on.
+    assert len(deltas) >= 2
+    tokens = support.joined(deltas)
+    logprobs = [lp for delta in deltas for lp in delta.logprobs or []]
+    expected = [
+        next_token(PROMPT + tokens[:i], vocab_size=vocab_size)[1] for i in range(len(tokens))
+    ]
+    assert logprobs == pytest.approx(expected)
+
+
+def test_failed_forward_step_ends_the_replica_though_the_engine_loop_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A throwing forward step answers every active request with an error `Response` and the
+    executor loop continues (executorImpl.cpp @ b35ac1b6, `forwardAsync`'s catch), so
+    `await_responses` never raises. A CUDA error is sticky, so the executor must end itself."""
+    support.require_double("a poison token that makes a forward step fail")
+    engine_dir = support.write_double_engine(tmp_path / "engine", poison_token_id=666)
+
+    async def scenario() -> None:
+        executor = await started(make_config(engine_dir))
+        try:
+            running = executor.generate(support.greedy_request("victim", PROMPT, 300))
+            await anext(running)
+            with pytest.raises(EngineDead, match="illegal memory access"):
+                await support.collect(executor, support.greedy_request("poison", [666, 1], 4))
+            with pytest.raises(EngineDead):
+                async for _ in running:  # what it streamed before the failed step, then the error
+                    pass
+            assert executor.is_dead
+            with pytest.raises(EngineDead):
+                executor.check_health()
+        finally:
+            await executor.shutdown()
+
+    support.run(scenario())
+
+
+def test_an_ordinary_request_error_leaves_the_replica_healthy(engine_dir: Path) -> None:
+    max_input_len = read_engine_layout(engine_dir).max_input_len
+
+    async def scenario() -> None:
+        executor = await started(make_config(engine_dir))
+        try:
+            with pytest.raises(EngineError) as raised:
+                await support.collect(
+                    executor, support.greedy_request("long", [5] * (max_input_len + 1), 2)
+                )
+            assert not isinstance(raised.value, EngineDead)
+            executor.check_health()
+            deltas = await support.collect(executor, support.greedy_request("ok", PROMPT, 2))
+            assert deltas[-1].finish_reason is FinishReason.LENGTH
+        finally:
+            await executor.shutdown()
+
+    support.run(scenario())
+
+
+def test_a_cancelled_queued_request_keeps_its_queue_slot_until_a_step_runs(
+    tmp_path: Path,
+) -> None:
+    """Leader mode: `cancel_request` only marks the id; the queued request leaves the queue when
+    the executor loop next fetches requests (executorImpl.cpp @ b35ac1b6). A retry sent at once
+    may therefore still find the queue full (a 503 with Retry-After), and is admitted after."""
+    support.require_double("steps slow enough to observe the queue between them")
+    # The double fetches queued requests at the start of each step and paces steps `iter_latency_ms` apart,
+    # so a token of "running" marks a step just done: the next fetch is a whole iteration away. The test
+    # acts right after such a token, never on a timer, so a busy machine cannot move a step into its way.
+    engine_dir = support.write_double_engine(tmp_path / "engine", iter_latency_ms=400.0)
+
+    async def scenario() -> None:
+        executor = await started(make_config(engine_dir, max_batch_size=1, max_queue_size=1))
+        try:
+            running = executor.generate(support.greedy_request("running", PROMPT, 300))
+            await anext(running)
+            queued = executor.generate(support.greedy_request("queued", PROMPT, 2))
+            pending = asyncio.ensure_future(anext(queued))
+            await anext(running)  # a step ran since: "queued" waits in the engine's queue
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+            await queued.aclose()  # cancels it in the engine
+            with pytest.raises(OverloadedError):
+                await support.collect(executor, support.greedy_request("at-once", PROMPT, 2))
+            await anext(running)  # the step after the cancel dropped "queued"
+            retry = asyncio.ensure_future(
+                support.collect(executor, support.greedy_request("retry", PROMPT, 2))
+            )
+            await anext(running)  # "retry" was admitted and waits for the batch slot
+            await running.aclose()
+            assert (await retry)[-1].finish_reason is FinishReason.LENGTH
         finally:
             await executor.shutdown()
 

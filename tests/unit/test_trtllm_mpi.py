@@ -8,15 +8,21 @@ visibility inherited from Ray, and that no worker outlives the executor or the r
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from deployments.config import TrtllmConfig
+from deployments.errors import OverloadedError
 from deployments.executors.trtllm import TrtllmExecutor, default_worker_path
-from deployments.executors.trtllm_config import TrtllmConfig
-from deployments.placement import engine_deployment_options
+from deployments.messages import FinishReason
+from deployments.placement import engine_deployment_options, mpi_env_vars
 from tests import trtllm_support as support
 
 pytestmark = pytest.mark.mpi
@@ -91,7 +97,8 @@ def test_tp2_replica_inside_a_ray_actor(engine_dir_tp2: Path) -> None:
     )["ray_actor_options"]
     options["runtime_env"]["env_vars"]["PYTHONPATH"] = support.worker_pythonpath()
     probe_class = ray.remote(support.ReplicaProbe)
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    # `address="local"`: a Ray of its own, never the cluster another test (or run) last started on this machine.
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # 1) a clean shutdown: workers saw the replica's GPUs and exit with the executor
         probe = probe_class.options(**options).remote(str(engine_dir_tp2))
@@ -115,3 +122,92 @@ def test_tp2_replica_inside_a_ray_actor(engine_dir_tp2: Path) -> None:
         assert support.wait_until_gone(workers, timeout_s=20) == []
     finally:
         ray.shutdown()
+
+
+def test_tp2_full_queue_is_a_503_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In orchestrator mode `enqueue_request` never raises for a full queue: the leader's
+    `leaderRecvReqThread` answers with `Response(reqWithId.id, err)`, an error response with no
+    client id (executorImpl.cpp @ b35ac1b6 = v1.2.0rc2). Matched by client id only, it was dropped
+    and the request hung."""
+    support.require_double("steps slow enough to keep a request queued")
+    support.require_mpi()
+    support.set_mpi_env(monkeypatch)
+    engine_dir = support.write_double_engine(tmp_path / "tp2", tp_size=2, iter_latency_ms=50.0)
+    config = TrtllmConfig(engine_dir=str(engine_dir), max_batch_size=1, max_queue_size=1)
+
+    async def scenario() -> None:
+        executor = TrtllmExecutor(config, device_ids=[0, 1])
+        await executor.start()
+        try:
+            running = executor.generate(support.greedy_request("running", PROMPT, 300))
+            await anext(running)
+            queued = asyncio.ensure_future(
+                support.collect(executor, support.greedy_request("queued", PROMPT, 2))
+            )
+            await asyncio.sleep(0.3)
+            with pytest.raises(OverloadedError, match="Maximum queue size"):
+                await support.collect(executor, support.greedy_request("rejected", PROMPT, 2))
+            executor.check_health()
+            await running.aclose()
+            assert (await queued)[-1].finish_reason is FinishReason.LENGTH
+        finally:
+            await executor.shutdown()
+
+    support.run(scenario(), timeout_s=30.0)
+
+
+_HUNG_START = """
+import asyncio, json, os, sys, time
+from tests import trtllm_support
+from deployments.executors.trtllm import TrtllmExecutor, default_worker_path
+from deployments.config import TrtllmConfig
+
+async def main():
+    executor = TrtllmExecutor(TrtllmConfig(engine_dir=sys.argv[1], engine_start_timeout_s=3.0))
+    started = time.monotonic()
+    try:
+        await executor.start()
+        outcome = "started"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    print(json.dumps({"outcome": outcome, "elapsed_s": time.monotonic() - started,
+                      "workers": trtllm_support.pids_with_cmdline(default_worker_path())}),
+          flush=True)
+
+asyncio.run(main())
+os._exit(0)  # a thread is still inside the engine's constructor (MPI_Barrier): skip MPI_Finalize
+"""
+
+
+def test_a_worker_that_never_reaches_the_barrier_fails_start_within_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """executorWorker.cpp has no try/catch around loading the engine: a rank that fails never
+    reaches the `MPI_Barrier` the orchestrator waits on in its constructor (executorImpl.cpp
+    `initializeOrchestrator` @ b35ac1b6), which blocked `start()` forever. Run in a subprocess,
+    since the orchestrator thread stays stuck in MPI until its process exits."""
+    support.require_double("a worker rank that hangs before the barrier")
+    support.require_mpi()
+    engine_dir = support.write_double_engine(tmp_path / "tp2", tp_size=2)
+    config = json.loads((engine_dir / "config.json").read_text())
+    config["shepherd_double"]["hang_worker_rank"] = 1
+    (engine_dir / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, **mpi_env_vars(spawns_workers=True)}
+    env["PYTHONPATH"] = support.worker_pythonpath()
+    finished = subprocess.run(
+        [sys.executable, "-c", _HUNG_START, str(engine_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=support.REPO_ROOT,
+    )
+    report = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert report["outcome"].startswith("EngineError: ")
+    assert "did not start within 3 s" in report["outcome"]
+    assert "engine_start_timeout_s" in report["outcome"]
+    assert 3.0 <= report["elapsed_s"] < 10.0
+    assert len(report["workers"]) == 2
+    assert support.wait_until_gone(report["workers"], timeout_s=20) == []

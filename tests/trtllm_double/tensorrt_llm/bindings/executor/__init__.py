@@ -28,13 +28,18 @@ from ._enums import (
     RequestType,
 )
 from ._executor import Executor
+from ._guided import GuidedDecodingConfig, GuidedDecodingParams
 from ._request import (
+    KvCacheMetrics,
     KvCacheRetentionConfig,
     OutputConfig,
     Request,
+    RequestPerfMetrics,
     Response,
     Result,
     SamplingConfig,
+    SpeculativeDecodingMetrics,
+    TimingMetrics,
 )
 from ._stats import InflightBatchingStats, IterationStats, KvCacheStats
 
@@ -49,9 +54,12 @@ __all__ = [
     "ExecutorConfig",
     "ExtendedRuntimePerfKnobConfig",
     "FinishReason",
+    "GuidedDecodingConfig",
+    "GuidedDecodingParams",
     "InflightBatchingStats",
     "IterationStats",
     "KvCacheConfig",
+    "KvCacheMetrics",
     "KvCacheRetentionConfig",
     "KvCacheStats",
     "KvCacheTransferMode",
@@ -61,11 +69,14 @@ __all__ = [
     "ParallelConfig",
     "PeftCacheConfig",
     "Request",
+    "RequestPerfMetrics",
     "RequestStage",
     "RequestType",
     "Response",
     "Result",
     "SamplingConfig",
     "SchedulerConfig",
+    "SpeculativeDecodingMetrics",
+    "TimingMetrics",
     "kv_cache",
 ]

@@ -2,6 +2,15 @@
 
 Deterministic by construction: the next token is a hash of the last four tokens (plus a seed salt
 when sampling), so greedy runs repeat exactly. The KV cache (reuse, events) is in `_kv_blocks`.
+
+Behaviour taken from TensorRT-LLM 1.2 (cpp/tensorrt_llm/batch_manager/llmRequest.cpp `createResult`
+and cpp/tensorrt_llm/executor/executorImpl.cpp @ b35ac1b6 = v1.2.0rc2, the same code in 1.2.x):
+- streamed `output_token_ids` are the new tokens of the step, but `log_probs` is the whole per-beam
+  vector of the request so far (TensorRT-LLM's own tensorrt_llm/executor/result.py slices it with
+  `log_probs[src_idx][output._last_logprobs_len:]`);
+- a forward step that throws ends every active request with an error `Response` (carrying its
+  client id) and the executor loop goes on: `await_responses` never raises for it. A CUDA error is
+  sticky on its context, so the double keeps failing every later step once it has failed.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from typing import Any
 
 from ._enums import CapacitySchedulerPolicy, FinishReason
 from ._kv_blocks import BlockManager, RequestState
-from ._request import Request, Response, Result
+from ._request import Request, RequestPerfMetrics, Response, Result
 from ._stats import InflightBatchingStats, IterationStats
 from .kv_cache import _EventQueue
 
@@ -42,10 +51,45 @@ class EngineSpec:
     num_kv_blocks: int = 512
     iter_latency_s: float = 0.001
     poison_token_id: int | None = None
+    hang_worker_rank: int | None = None
 
     @property
     def world_size(self) -> int:
         return self.tp_size * self.pp_size * self.cp_size
+
+    @classmethod
+    def from_hf_config(
+        cls,
+        model_dir: str | Path,
+        *,
+        tp_size: int,
+        pp_size: int,
+        tokens_per_block: int,
+        max_batch_size: int | None,
+        max_seq_len: int | None,
+    ) -> EngineSpec:
+        """For the LLM API double: a Hugging Face checkpoint dir (config.json, as the PyTorch
+        backend reads it); the same optional "shepherd_double" section tunes the simulation."""
+        path = Path(model_dir) / "config.json"
+        if not path.exists():
+            raise ValueError(f"{model_dir} is not a Hugging Face checkpoint (no config.json)")
+        raw: dict[str, Any] = json.loads(path.read_text())
+        double = raw.get("shepherd_double", {})
+        seq_len = int(max_seq_len or raw.get("max_position_embeddings") or 2048)
+        return cls(
+            vocab_size=int(raw["vocab_size"]),
+            max_input_len=seq_len,
+            max_seq_len=seq_len,
+            max_batch_size=int(max_batch_size or 2048),
+            tokens_per_block=tokens_per_block,
+            tp_size=tp_size,
+            pp_size=pp_size,
+            cp_size=1,
+            num_kv_blocks=int(double.get("num_kv_blocks", 512)),
+            iter_latency_s=float(double.get("iter_latency_ms", 1.0)) / 1000.0,
+            poison_token_id=double.get("poison_token_id"),
+            hang_worker_rank=double.get("hang_worker_rank"),
+        )
 
     @classmethod
     def from_engine_dir(cls, model_path: str | Path) -> EngineSpec:
@@ -68,6 +112,7 @@ class EngineSpec:
             num_kv_blocks=int(double.get("num_kv_blocks", 512)),
             iter_latency_s=float(double.get("iter_latency_ms", 1.0)) / 1000.0,
             poison_token_id=double.get("poison_token_id"),
+            hang_worker_rank=double.get("hang_worker_rank"),
         )
 
 
@@ -80,7 +125,11 @@ def next_token(context: list[int], *, vocab_size: int, salt: int = 0) -> tuple[i
 
 
 class EngineCrashed(RuntimeError):
-    """Raised by `step` when the poison token arrives (stands in for a CUDA fault)."""
+    """Raised inside `step` when the poison token arrives (stands in for a CUDA fault)."""
+
+
+# executorImpl.cpp `forwardAsync`'s catch: every active request gets this error, and the loop goes on.
+_FORWARD_ERROR = "[TensorRT-LLM][ERROR] Encountered an error in forwardAsync function: "
 
 
 class EngineCore:
@@ -121,6 +170,7 @@ class EngineCore:
         self._queued: collections.deque[RequestState] = collections.deque()
         self._active: list[RequestState] = []
         self._iter = 0
+        self._broken: str | None = None  # a sticky CUDA error: every later step fails too
         self.wake = threading.Event()
 
     # ---- any thread ------------------------------------------------------------------------------
@@ -185,16 +235,16 @@ class EngineCore:
         # 4) decode: every running request produces one token (the context phase yields the first)
         num_context = sum(1 for s in self._active if not s.is_context_done)
         num_ctx_tokens = sum(len(s.prompt) for s in self._active if not s.is_context_done)
-        for seq in list(self._active):
-            if self.spec.poison_token_id is not None and self.spec.poison_token_id in seq.prompt:
-                raise EngineCrashed(
-                    "[TensorRT-LLM][ERROR] CUDA runtime error in step: "
-                    "an illegal memory access was encountered"
-                )
-            if not seq.is_context_done:
-                seq.is_context_done = True
-                self.blocks.store(seq)
-            self._decode(seq, responses)
+        try:
+            self._forward(responses)
+        except EngineCrashed as exc:
+            self._broken = str(exc)
+        if self._broken is not None and self._active:
+            for seq in list(self._active):
+                self._active.remove(seq)
+                self.blocks.release(seq)
+                message = _FORWARD_ERROR + self._broken
+                responses.append(Response(seq.request_id, message, seq.request.client_id))
         self.blocks.flush_events()
         if self._keep_stats:
             num_completed = sum(1 for r in responses if r.has_error() or r.result.is_final)
@@ -202,6 +252,19 @@ class EngineCore:
         return responses
 
     # ---- internals ------------------------------------------------------------------------------
+    def _forward(self, responses: list[Response]) -> None:
+        if self._broken is not None:
+            return
+        for seq in list(self._active):
+            if self.spec.poison_token_id is not None and self.spec.poison_token_id in seq.prompt:
+                raise EngineCrashed(
+                    "CUDA runtime error in step: an illegal memory access was encountered"
+                )
+            if not seq.is_context_done:
+                seq.is_context_done = True
+                self.blocks.store(seq)
+            self._decode(seq, responses)
+
     def _accept(self, request_id: int, request: Request, responses: list[Response]) -> None:
         prompt = request.input_token_ids
         error = None
@@ -284,8 +347,8 @@ class EngineCore:
     def _result(self, seq: RequestState, tokens: list[int], reason: FinishReason | None) -> Result:
         log_probs = None
         if seq.request.output_config.return_log_probs:
-            num_generated = min(len(tokens), len(seq.generated))
-            log_probs = [seq.logprobs[len(seq.logprobs) - num_generated :] if num_generated else []]
+            # createResult: the whole per-beam vector so far, even when token ids are deltas.
+            log_probs = [list(seq.logprobs)]
         return Result(
             is_final=reason is not None,
             output_token_ids=[tokens],
@@ -293,7 +356,25 @@ class EngineCore:
             log_probs=log_probs,
             cum_log_probs=[sum(seq.logprobs)] if log_probs is not None else None,
             decoding_iter=len(seq.generated),
+            request_perf_metrics=self._perf_metrics(seq)
+            if seq.request.output_config.return_perf_metrics
+            else None,
         )
+
+    @staticmethod
+    def _perf_metrics(seq: RequestState) -> RequestPerfMetrics:
+        """createResult copies the request's metrics into every result once asked for; the KV part
+        is fixed at admission."""
+        metrics = RequestPerfMetrics()
+        kv = metrics.kv_cache_metrics
+        kv.num_total_allocated_blocks = seq.num_total_blocks
+        kv.num_new_allocated_blocks = seq.num_new_blocks
+        kv.num_reused_blocks = seq.num_reused_blocks
+        kv.num_missed_blocks = seq.num_total_blocks - seq.num_reused_blocks
+        looked_up = seq.num_total_blocks
+        kv.kv_cache_hit_rate = seq.num_reused_blocks / looked_up if looked_up else 0.0
+        metrics.iter = len(seq.generated)
+        return metrics
 
     def _num_waiting_dec(self) -> None:
         with self._lock:

@@ -26,6 +26,7 @@ from typing import Any
 
 from ._engine import EngineCore, EngineSpec
 from ._enums import CommunicationMode, ModelType
+from ._guided import check_cpp_runtime
 from ._request import Request, Response
 from ._stats import IterationStats
 from .kv_cache import KVCacheEventManager
@@ -58,6 +59,9 @@ def _describe(request_id: int, request: Request) -> dict[str, Any]:
         "max_tokens": request.max_tokens,
         "streaming": request.streaming,
         "end_id": request.end_id,
+        "guided_decoding": None
+        if (guided := request.guided_decoding_params) is None
+        else [guided.guide_type.name, guided.guide],
         "retention": None
         if retention is None
         else {
@@ -256,6 +260,8 @@ class Executor:
                     "[TensorRT-LLM][ERROR] Assertion failed: deviceIds.size() * numNodes == "
                     f"tp * pp * cp ({len(parallel.device_ids)} * {num_nodes} != {spec.world_size})"
                 )
+        if executor_config.guided_decoding_config is not None:
+            check_cpp_runtime(executor_config.guided_decoding_config)
         self._backend: Any
         if mode is CommunicationMode.ORCHESTRATOR:
             from ._orchestrator import OrchestratorBackend  # imports mpi4py

@@ -56,6 +56,10 @@ class RequestState:
     reserved: int = 0
     is_cancelled: bool = False
     is_context_done: bool = False
+    # KvCacheMetrics of the request, set at admission (kvCacheManager addSequence).
+    num_total_blocks: int = 0
+    num_new_blocks: int = 0
+    num_reused_blocks: int = 0
 
     @property
     def num_computed_tokens(self) -> int:
@@ -113,6 +117,9 @@ class BlockManager:
         self._reserved += new_needed
         num_prompt_blocks = math.ceil(len(seq.prompt) / tpb)
         self.ensure_capacity(seq, len(seq.prompt))
+        seq.num_total_blocks = num_prompt_blocks
+        seq.num_new_blocks = num_prompt_blocks - len(matched)
+        seq.num_reused_blocks = len(matched)
         self.alloc_total_blocks += num_prompt_blocks
         self.alloc_new_blocks += num_prompt_blocks - len(matched)
         self.reused_blocks += len(matched)

@@ -50,6 +50,7 @@ class OrchestratorBackend:
         device_ids: list[int],
         on_responses: Callable[[list[Response]], None],
         on_fatal: Callable[[str], None],
+        send_spec: bool = False,
     ) -> None:
         from mpi4py import MPI
 
@@ -64,6 +65,7 @@ class OrchestratorBackend:
         self._on_fatal = on_fatal
         self._poll_s = max(config.recv_poll_period_ms, 0.2) / 1000.0
         self._stats: list[IterationStats] = []
+        self.events: list[Any] = []  # KV events shipped by the leader (read by the LLM API double)
         self._outbox: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
         self._is_closed = False
@@ -85,6 +87,7 @@ class OrchestratorBackend:
             "device_ids": list(device_ids),
             "orchestrator_pid": os.getpid(),
             "orchestrator_host": socket.gethostname(),
+            "spec": spec if send_spec else None,
         }
         self._intercomm.bcast(payload, root=MPI.ROOT)
         self.worker_info: list[dict[str, Any]] = self._intercomm.gather(None, root=MPI.ROOT)
@@ -105,6 +108,11 @@ class OrchestratorBackend:
         with self._lock:
             stats, self._stats = self._stats, []
             return stats
+
+    def drain_events(self) -> list[Any]:
+        with self._lock:
+            events, self.events = self.events, []
+            return events
 
     def shutdown(self) -> None:
         """Tell the workers to stop, wait for their goodbye, then disconnect (collective)."""
@@ -132,9 +140,10 @@ class OrchestratorBackend:
                 if message[0] == "fatal":
                     self._on_fatal(message[1])
                     continue
-                _, responses, stats = message
-                if stats:
+                _, responses, stats, events = message
+                if stats or events:
                     with self._lock:
                         self._stats.extend(stats)
+                        self.events.extend(events)
                 self._on_responses(responses)
             time.sleep(self._poll_s)

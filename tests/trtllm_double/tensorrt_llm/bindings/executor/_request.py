@@ -11,6 +11,7 @@ import datetime
 from typing import Any
 
 from ._enums import FinishReason, KvCacheTransferMode, RequestType
+from ._guided import GuidedDecodingParams
 
 
 class SamplingConfig:
@@ -116,6 +117,18 @@ class KvCacheRetentionConfig:
         transfer_mode: KvCacheTransferMode = KvCacheTransferMode.DRAM,
         directory: str | None = None,
     ) -> None:
+        # nanobind/executor/request.cpp (1.2.x): `nb::init<..., tle::KvCacheTransferMode, std::string>()`
+        # with `nb::arg("directory") = nb::none()`. A None default cannot convert to std::string, so
+        # a call that leaves `directory` out is rejected like any other unconvertible argument.
+        if not isinstance(directory, str):
+            raise TypeError(
+                "__init__(): incompatible function arguments. The following argument types are "
+                "supported:\n    1. __init__(self, token_range_retention_configs: "
+                "collections.abc.Sequence[KvCacheRetentionConfig.TokenRangeRetentionConfig], "
+                "decode_retention_priority: int = 35, decode_duration_ms: datetime.timedelta | None "
+                "= None, transfer_mode: KvCacheTransferMode = KvCacheTransferMode.DRAM, directory: "
+                f"str = None) -> None\n\nInvoked with types: directory: {type(directory).__name__}"
+            )
         if not 0 <= decode_retention_priority <= 100:
             raise RuntimeError("[TensorRT-LLM][ERROR] Assertion failed: priority in [0, 100]")
         self.token_range_retention_configs = list(token_range_retention_configs)
@@ -208,6 +221,13 @@ class Request:
         self.num_return_sequences = num_return_sequences
         self.eagle_config = eagle_config
         self.skip_cross_attn_blocks = skip_cross_attn_blocks
+        if guided_decoding_params is not None and not isinstance(
+            guided_decoding_params, GuidedDecodingParams
+        ):
+            raise TypeError(
+                "__init__(): incompatible function arguments (guided_decoding_params must be "
+                "tensorrt_llm.bindings.executor.GuidedDecodingParams or None)"
+            )
         self.guided_decoding_params = guided_decoding_params
         self.language_adapter_uid = language_adapter_uid
         self.allotted_time_ms = allotted_time_ms
@@ -222,6 +242,51 @@ class Request:
         return self._max_tokens
 
 
+class KvCacheMetrics:
+    """`RequestPerfMetrics.KvCacheMetrics`, bound as `KvCacheMetrics` with read-write fields
+    (nanobind/executor/request.cpp@008b2b8d): the request's KV blocks at admission, of which
+    `num_reused_blocks` were found in the reuse tree and `num_missed_blocks` were not."""
+
+    def __init__(self) -> None:
+        self.num_total_allocated_blocks = 0
+        self.num_new_allocated_blocks = 0
+        self.num_reused_blocks = 0
+        self.num_missed_blocks = 0
+        self.kv_cache_hit_rate = 0.0
+
+
+class TimingMetrics:
+    def __init__(self) -> None:
+        zero = datetime.timedelta(0)
+        self.arrival_time = zero
+        self.first_scheduled_time = zero
+        self.first_token_time = zero
+        self.last_token_time = zero
+        self.kv_cache_transfer_start = zero
+        self.kv_cache_transfer_end = zero
+        self.kv_cache_size = 0
+
+
+class SpeculativeDecodingMetrics:
+    def __init__(self) -> None:
+        self.acceptance_rate = 0.0
+        self.total_accepted_draft_tokens = 0
+        self.total_draft_tokens = 0
+
+
+class RequestPerfMetrics:
+    """`Result.request_perf_metrics` when the request's `OutputConfig(return_perf_metrics=True)`
+    (nanobind/executor/request.cpp@008b2b8d: `RequestPerfMetrics()` with read-write fields)."""
+
+    def __init__(self) -> None:
+        self.timing_metrics = TimingMetrics()
+        self.kv_cache_metrics = KvCacheMetrics()
+        self.speculative_decoding = SpeculativeDecodingMetrics()
+        self.first_iter: int | None = None
+        self.last_iter: int | None = None
+        self.iter: int | None = None
+
+
 class Result:
     """Per-beam lists; in streaming mode `output_token_ids` holds only the new tokens."""
 
@@ -234,6 +299,7 @@ class Result:
         log_probs: list[list[float]] | None = None,
         cum_log_probs: list[float] | None = None,
         decoding_iter: int = 0,
+        request_perf_metrics: RequestPerfMetrics | None = None,
     ) -> None:
         self.is_final = is_final
         self.output_token_ids = output_token_ids
@@ -249,7 +315,7 @@ class Result:
         self.decoding_iter = decoding_iter
         self.avg_decoded_tokens_per_iter = 1.0
         self.context_phase_params = None
-        self.request_perf_metrics = None
+        self.request_perf_metrics = request_perf_metrics
         self.additional_outputs: list[Any] = []
 
 

@@ -51,4 +51,16 @@ class IterationStats:
     specdec_stats: None = None
 
     def to_json_str(self) -> str:
-        return json.dumps(asdict(self))
+        """camelCase keys, as the C++ JSON serialization names them (e.g. "kvCacheStats")."""
+        return json.dumps(_camel(asdict(self)))
+
+
+def _camel(value: object) -> object:
+    if isinstance(value, dict):
+        return {_camel_key(k): _camel(v) for k, v in value.items()}
+    return value
+
+
+def _camel_key(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)

@@ -5,12 +5,19 @@ reports who it is, and joins the barrier. Rank 0 (the leader) runs the engine co
 iteration it steps the other ranks (standing in for the tensor-parallel collectives) and waits for
 their acknowledgements, then ships responses and stats to the orchestrator. All ranks leave on
 "shutdown".
+
+As in TensorRT-LLM 1.2 (cpp/tensorrt_llm/executor/executorImpl.cpp @ b35ac1b6, `leaderRecvReqThread`):
+a request that finds the queue full is answered with `Response(reqWithId.id, err)`, an error
+response with NO client id, and `enqueue_request` in the orchestrator never raises for it.
+`executorWorker.cpp` has no try/catch around loading the engine, so a rank that fails to load never
+reaches the barrier and the orchestrator waits there forever; "hang_worker_rank" simulates that rank.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -21,6 +28,7 @@ from ._request import Response
 TAG_STEP = 21
 TAG_ACK = 22
 _IDLE_S = 0.0005
+_NEVER = threading.Event()
 
 
 def _wait_for(comm: Any, source: int, tag: int) -> Any:
@@ -30,8 +38,17 @@ def _wait_for(comm: Any, source: int, tag: int) -> Any:
     return comm.recv(source=source, tag=tag)
 
 
+def _spec(payload: dict[str, Any]) -> EngineSpec:
+    spec = payload.get("spec")  # the LLM API double passes a spec read from a HF checkpoint
+    return spec if spec is not None else EngineSpec.from_engine_dir(payload["model_path"])
+
+
+def _drain_events(core: EngineCore) -> list[Any]:
+    return [] if core.events is None else core.events.drain(0.0, _NEVER)
+
+
 def _lead(parent: Any, world: Any, payload: dict[str, Any]) -> None:
-    spec = EngineSpec.from_engine_dir(payload["model_path"])
+    spec = _spec(payload)
     core = EngineCore(spec, payload["executor_config"])
     followers = range(1, world.Get_size())
     is_dead = False
@@ -44,8 +61,8 @@ def _lead(parent: Any, world: Any, payload: dict[str, Any]) -> None:
                 _, request_id, request = message
                 try:
                     core.enqueue(request_id, request)
-                except RuntimeError as exc:  # queue full: an error response for that request
-                    errors.append(Response(request_id, str(exc), request.client_id))
+                except RuntimeError as exc:  # queue full: an error response without client id
+                    errors.append(Response(request_id, str(exc)))
             elif message[0] == "cancel":
                 core.cancel(message[1])
             else:
@@ -57,7 +74,7 @@ def _lead(parent: Any, world: Any, payload: dict[str, Any]) -> None:
             return
         if is_dead or not core.has_work():
             if errors:
-                parent.send(("out", errors, []), dest=0, tag=TAG_FROM_LEADER)
+                parent.send(("out", errors, [], []), dest=0, tag=TAG_FROM_LEADER)
             time.sleep(_IDLE_S)
             continue
         started = time.perf_counter()
@@ -71,7 +88,8 @@ def _lead(parent: Any, world: Any, payload: dict[str, Any]) -> None:
             world.send(("step", core.blocks.tick), dest=rank, tag=TAG_STEP)
         for rank in followers:
             _wait_for(world, rank, TAG_ACK)
-        parent.send(("out", responses, core.drain_iteration_stats()), dest=0, tag=TAG_FROM_LEADER)
+        out = ("out", responses, core.drain_iteration_stats(), _drain_events(core))
+        parent.send(out, dest=0, tag=TAG_FROM_LEADER)
         time.sleep(max(0.0, spec.iter_latency_s - (time.perf_counter() - started)))
 
 
@@ -81,6 +99,17 @@ def _follow(world: Any) -> None:
         if message[0] == "shutdown":
             return
         world.send(("ack", message[1]), dest=0, tag=TAG_ACK)
+
+
+def _hang_until_orphaned(orchestrator_pid: int) -> None:
+    """A rank stuck loading its engine: it never reaches the barrier. It leaves once the
+    orchestrator is gone, so a test never strands it."""
+    while True:
+        try:
+            os.kill(orchestrator_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        time.sleep(0.1)
 
 
 def main() -> None:
@@ -104,6 +133,9 @@ def main() -> None:
         },
         root=0,
     )
+    if _spec(payload).hang_worker_rank == rank:
+        _hang_until_orphaned(payload["orchestrator_pid"])
+        return
     parent.Barrier()
     try:
         if rank == 0:
