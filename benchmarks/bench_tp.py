@@ -12,7 +12,7 @@ alternate round by round, so drift on the machine falls on both alike.
            before tensor parallelism existed, and after), same model, same load: does TP=1 regress? Only
            each checkout's `deployments` package is used; the benchmark's own code is this one's.
 
-    mkdir -p .carry/old && git archive 38f4f7f^1 deployments | tar -x -C .carry/old   # .carry/ travels
+    mkdir -p .carry/old && git archive OLD_COMMIT deployments | tar -x -C .carry/old   # .carry/ travels
     python -m benchmarks.bench_tp --tp 1 --repo old=.carry/old --repo new=. --out $OUT  # to the GPU host
     python -m benchmarks.bench_tp --tp 2 --shape 1b --out $OUT       # --shape 8b: a model whose weights make
                                                                       # decoding bandwidth-bound on one GPU
