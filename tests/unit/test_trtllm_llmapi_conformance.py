@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests import trtllm_support as _support  # noqa: F401  (puts the double on sys.path)
+from tests import trtllm_support as _support  # puts the double on sys.path
 
 llmapi: Any = importlib.import_module("tensorrt_llm.llmapi")
 result_mod: Any = importlib.import_module("tensorrt_llm.executor.result")
@@ -229,3 +229,47 @@ def test_request_output_members() -> None:
     `abort` are what production reads."""
     for name in ("outputs", "finished", "abort", "aresult"):
         assert hasattr(llmapi.RequestOutput, name), (name, RESULT)
+
+
+def test_production_reads_the_sampled_tokens_logprob_from_token_logprobs() -> None:
+    """`trtllm_llmapi._logprobs` on the PyTorch backend's `{token_id: Logprob}` form (RESULT
+    `TokenLogprobs`): the sampled token's `.logprob`, 0.0 where it is missing, floats unchanged."""
+    from deployments.executors import trtllm_llmapi
+
+    logprob = result_mod.Logprob
+    entries = [{5: logprob(-0.5, rank=1), 9: logprob(-1.5, rank=2)}, {7: logprob(-2.25, rank=1)}]
+    assert trtllm_llmapi._logprobs([9, 7], entries) == [-1.5, -2.25]
+    assert trtllm_llmapi._logprobs([3], [{4: logprob(-0.1)}]) == [0.0]
+    assert trtllm_llmapi._logprobs([1, 2], [-0.25, -0.75]) == [-0.25, -0.75]
+
+
+def test_the_pytorch_backend_streams_token_logprobs_dicts(tmp_path: Any) -> None:
+    """A `logprobs=1` request through the double's LLM gives one `{token_id: Logprob}` per new
+    token in `logprobs_diff`, as the real PyTorch backend's TokenLogprobs do, with the model's
+    log probability for the sampled token."""
+    _support.require_double("the expected log probabilities come from the double's model")
+    from tensorrt_llm.bindings.executor._engine import next_token
+
+    prompt = [11, 12, 13, 14]
+    checkpoint = _support.write_double_checkpoint(tmp_path / "checkpoint")
+    llm = llmapi.LLM(str(checkpoint), skip_tokenizer_init=True, backend="pytorch")
+    params = llmapi.SamplingParams(max_tokens=4, end_id=-1, logprobs=1)
+
+    async def scenario() -> list[tuple[list[int], list[Any]]]:
+        steps = []
+        async for out in llm.generate_async(prompt, sampling_params=params, streaming=True):
+            steps.append((list(out.outputs[0].token_ids_diff), list(out.outputs[0].logprobs_diff)))
+        return steps
+
+    try:
+        steps = _support.run(scenario())
+    finally:
+        llm.shutdown()
+    tokens = [t for ids, _ in steps for t in ids]
+    entries = [e for _, diff in steps for e in diff]
+    assert len(entries) == len(tokens) == 4
+    for i, (token, entry) in enumerate(zip(tokens, entries, strict=True)):
+        assert isinstance(entry, dict) and list(entry) == [token]
+        assert isinstance(entry[token], result_mod.Logprob) and entry[token].rank == 1
+        expected = next_token(prompt + tokens[:i], vocab_size=1000)[1]
+        assert entry[token].logprob == pytest.approx(expected)

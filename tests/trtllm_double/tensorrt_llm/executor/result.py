@@ -74,6 +74,9 @@ class CompletionOutput:
 class GenerationResult:
     """One request's stream; iterate it with `async for` (each step returns the result itself)."""
 
+    # True where `log_probs` come as TokenLogprobs dicts (the LLM API's PyTorch backend).
+    _token_logprobs = False
+
     def __init__(
         self,
         request_id: int,
@@ -166,7 +169,16 @@ class GenerationResult:
             output.cumulative_logprob = result.cum_log_probs[0]
         if result.log_probs is not None:
             output._last_logprobs_len = len(output.logprobs)
-            output.logprobs += result.log_probs[0][output._last_logprobs_len :]
+            new = result.log_probs[0][output._last_logprobs_len :]
+            if self._token_logprobs:
+                # PyTorch backend: `response_tensors.log_probs` holds TokenLogprobs, one
+                # `{token_id: Logprob}` per generated token (result.py@a678b91a `TokenLogprobs`;
+                # _torch/pyexecutor/sampler.py builds them with `Logprob` from result.py). The
+                # double's model is greedy, so the sampled token is the top one: rank 1.
+                start = output._last_logprobs_len
+                tokens = output.token_ids[start : start + len(new)]
+                new = [{t: Logprob(float(lp), rank=1)} for t, lp in zip(tokens, new, strict=False)]
+            output.logprobs += new
             if result.finish_reasons[0] != tllm.FinishReason.CANCELLED:
                 if len(output.logprobs) > output.length:
                     output.logprobs = output.logprobs[: output.length]

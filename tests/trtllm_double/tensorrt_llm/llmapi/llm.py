@@ -48,6 +48,8 @@ from .llm_args import TORCH_LLM_ARGS, KvCacheConfig
 class RequestOutput(GenerationResult):
     """The output data of a completion request to the LLM."""
 
+    _token_logprobs = True
+
     @property
     def prompt(self) -> str | None:
         return None
