@@ -273,3 +273,47 @@ def test_the_pytorch_backend_streams_token_logprobs_dicts(tmp_path: Any) -> None
         assert isinstance(entry[token], result_mod.Logprob) and entry[token].rank == 1
         expected = next_token(prompt + tokens[:i], vocab_size=1000)[1]
         assert entry[token].logprob == pytest.approx(expected)
+
+
+# cpp/tensorrt_llm/executor/jsonSerialization.cpp@092229bb, NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE lists.
+ITERATION_STATS_JSON = (
+    "timestamp iter iterLatencyMS newActiveRequestsQueueLatencyMS numNewActiveRequests "
+    "numActiveRequests numQueuedRequests numCompletedRequests maxNumActiveRequests "
+    "maxBatchSizeStatic maxBatchSizeTunerRecommended maxBatchSizeRuntime maxNumTokensStatic "
+    "maxNumTokensTunerRecommended maxNumTokensRuntime gpuMemUsage cpuMemUsage pinnedMemUsage "
+    "kvCacheStats staticBatchingStats inflightBatchingStats specDecodingStats"
+).split()
+KV_CACHE_STATS_JSON = (
+    "maxNumBlocks freeNumBlocks usedNumBlocks tokensPerBlock allocTotalBlocks allocNewBlocks "
+    "reusedBlocks missedBlocks cacheHitRate"
+).split()
+INFLIGHT_BATCHING_STATS_JSON = (
+    "numScheduledRequests numContextRequests numGenRequests numPausedRequests numCtxTokens "
+    "microBatchId avgNumDecodedTokensPerIter"
+).split()
+
+
+def test_stats_json_keys_are_the_cpp_serializations() -> None:
+    """Every key the double writes is a real one, in the real order; the keys production reads
+    (`numQueuedRequests`, `kvCacheStats.{maxNumBlocks,usedNumBlocks,cacheHitRate}`) are there."""
+    import json
+
+    from tensorrt_llm.bindings.executor._stats import (
+        InflightBatchingStats,
+        IterationStats,
+        KvCacheStats,
+    )
+
+    stats = IterationStats(
+        "t", 1, 1.0, 0.0, 1, 1, 2, 0, 8, 0, 0, 0,
+        KvCacheStats(10, 6, 4, 4, 4, 4, 0, 4, 0.0),
+        InflightBatchingStats(1, 1, 0, 0, 3, 0, 1.0),
+    )  # fmt: skip
+    body = json.loads(stats.to_json_str())
+    keys = list(body)
+    assert keys == [k for k in ITERATION_STATS_JSON if k in body]
+    assert {"numQueuedRequests", "kvCacheStats"} <= set(keys)
+    assert list(body["kvCacheStats"]) == KV_CACHE_STATS_JSON
+    assert list(body["inflightBatchingStats"]) == INFLIGHT_BATCHING_STATS_JSON
+    assert body["numQueuedRequests"] == 2
+    assert body["kvCacheStats"]["usedNumBlocks"] == 4
