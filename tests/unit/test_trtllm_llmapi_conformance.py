@@ -7,8 +7,8 @@ sources, as read in the stored copies of NVIDIA/TensorRT-LLM:
 - SAMPLING: tensorrt_llm/sampling_params.py@a98a9061 (`GuidedDecodingParams`, `SamplingParams`).
 - RESULT: tensorrt_llm/executor/result.py@a678b91a (`Logprob`, `CompletionOutput`,
   `GenerationResultBase`).
-- LLM_PY: tensorrt_llm/llmapi/llm.py, the stored `BaseLLM` version with `scheduling_params` and
-  `cache_salt` (the 1.1/1.2 generation; the index did not report its commit).
+- LLM_PY: tensorrt_llm/llmapi/llm.py@4c05a748 (`BaseLLM`, with `scheduling_params`, `cache_salt`,
+  `TorchLlmArgs` and the "got invalid argument" key check).
 
 Each table row is (name, kind, default) for a signature, or (field, default) for a pydantic model or
 dataclass; only what production passes or reads is pinned.
@@ -38,7 +38,7 @@ FACTORY = object()  # a dataclass field with default_factory (list)
 LLM_ARGS = "tensorrt_llm/llmapi/llm_args.py@c40f1157"
 SAMPLING = "tensorrt_llm/sampling_params.py@a98a9061"
 RESULT = "tensorrt_llm/executor/result.py@a678b91a"
-LLM_PY = "tensorrt_llm/llmapi/llm.py (BaseLLM, stored 1.1/1.2-generation copy)"
+LLM_PY = "tensorrt_llm/llmapi/llm.py@4c05a748"
 
 # `LLM.__init__`'s explicit parameters (LLM_PY, mirrored by BaseLlmArgs' "Explicit arguments").
 LLM_INIT = [

@@ -1,7 +1,8 @@
 """Double of `tensorrt_llm/executor/result.py`: `GenerationResult`, `CompletionOutput`,
-`IterationResult`, as read at NVIDIA/TensorRT-LLM (1.1/1.2 line, `_handle_sequence` with the
-PyTorch-backend branch "each streamed response_tensors.log_probs[src_idx] contains a streamwise
-monotonically growing list of logprobs").
+`IterationResult`, as read at NVIDIA/TensorRT-LLM tensorrt_llm/executor/result.py@a678b91a
+(`Logprob`, `CompletionOutput`, `GenerationResultBase`; `_handle_sequence` with the PyTorch-backend
+branch "each streamed response_tensors.log_probs[src_idx] contains a streamwise monotonically
+growing list of logprobs").
 
 Streaming semantics kept: every response extends `outputs[0].token_ids` and moves the
 `_last_*_len` cursors, so `token_ids_diff` / `logprobs_diff` are the new part; the final response
