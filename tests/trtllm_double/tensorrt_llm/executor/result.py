@@ -172,10 +172,11 @@ class GenerationResult:
             output._last_logprobs_len = len(output.logprobs)
             new = result.log_probs[0][output._last_logprobs_len :]
             if self._token_logprobs:
-                # PyTorch backend: `response_tensors.log_probs` holds TokenLogprobs, one
-                # `{token_id: Logprob}` per generated token (result.py@a678b91a `TokenLogprobs`;
-                # _torch/pyexecutor/sampler.py builds them with `Logprob` from result.py). The
-                # double's model is greedy, so the sampled token is the top one: rank 1.
+                # PyTorch backend: `LlmResult.log_probs` is `LogProbStorage.log_probs`, a
+                # `list[TokenLogprobs]`: one `{token_id: Logprob}` per generated token, the
+                # sampled token first (_torch/pyexecutor/llm_request.py@06517d23 sums
+                # `next(iter(prob.values())).logprob` into cum_log_probs). The double's model is
+                # greedy, so the sampled token is the top one: rank 1.
                 start = output._last_logprobs_len
                 tokens = output.token_ids[start : start + len(new)]
                 new = [{t: Logprob(float(lp), rank=1)} for t, lp in zip(tokens, new, strict=False)]
