@@ -33,12 +33,20 @@ class EngineLayout:
         return self.tp_size * self.pp_size * self.cp_size
 
 
-_DEFAULT_TOKENS_PER_BLOCK = 32  # PluginConfig.tokens_per_block default in TRT-LLM 1.x
+# PluginConfig.tokens_per_block's default (NVIDIA/TensorRT-LLM tensorrt_llm/plugin/plugin.py@c20322ff,
+# `enable_paged_kv_cache(tokens_per_block=32)`; the dataclass-era field also defaulted to 32).
+_DEFAULT_TOKENS_PER_BLOCK = 32
 
 
 def parse_engine_layout(raw: Mapping[str, Any]) -> EngineLayout:
     """Layout from a parsed engine config.json (the `version`/`pretrained_config`/`build_config`
     form that `GptJsonConfig::parse` reads for trtllm-build engines).
+
+    Keys as the C++ runtime reads them (cpp/tensorrt_llm/runtime/gptJsonConfig.cpp@b57221b7, a
+    pre-1.0 copy: `pretrained_config.{architecture, vocab_size, mapping.tp_size,
+    mapping.pp_size}`, `build_config.{max_batch_size, max_input_len, max_output_len,
+    max_num_tokens, plugin_config.tokens_per_block}`); `mapping.cp_size` and
+    `build_config.max_seq_len` are the later form, not confirmed from a 1.2 commit of that file.
 
     Raises:
         ValueError: the file is not a trtllm-build engine config (e.g. a HF checkpoint config).

@@ -172,6 +172,16 @@ EXECUTOR = [
     ("model_type", POS, REQUIRED),
     ("executor_config", POS, REQUIRED),
 ]
+# nanobind/executor/executorConfig.cpp@c40f1157: `nb::arg("backend"), nb::arg("encoded_vocab") =
+# nb::none(), nb::arg("tokenizer_str") = nb::none(), nb::arg("stop_token_ids") = nb::none()`.
+GUIDED_DECODING_CONFIG = [
+    ("backend", POS, REQUIRED),
+    ("encoded_vocab", POS, None),
+    ("tokenizer_str", POS, None),
+    ("stop_token_ids", POS, None),
+]
+# nanobind/executor/request.cpp@ac456dca: `nb::arg("guide_type"), nb::arg("guide") = nb::none()`.
+GUIDED_DECODING_PARAMS = [("guide_type", POS, REQUIRED), ("guide", POS, None)]
 
 TABLE = {
     "Request": (tle.Request, REQUEST),
@@ -188,6 +198,8 @@ TABLE = {
         TOKEN_RANGE,
     ),
     "Executor": (tle.Executor, EXECUTOR),
+    "GuidedDecodingConfig": (tle.GuidedDecodingConfig, GUIDED_DECODING_CONFIG),
+    "GuidedDecodingParams": (tle.GuidedDecodingParams, GUIDED_DECODING_PARAMS),
 }
 
 
@@ -237,6 +249,15 @@ def test_enum_members_match_the_binding() -> None:
     )
     assert {"LEADER", "ORCHESTRATOR"} <= names(tle.CommunicationMode)
     assert {"DECODER_ONLY", "ENCODER_ONLY", "ENCODER_DECODER"} <= names(tle.ModelType)
+    # executorConfig.cpp@c40f1157 / request.cpp@ac456dca `nb::enum_` values, exactly these.
+    assert names(tle.GuidedDecodingConfig.GuidedDecodingBackend) == {"XGRAMMAR", "LLGUIDANCE"}
+    assert names(tle.GuidedDecodingParams.GuideType) == {
+        "JSON",
+        "JSON_SCHEMA",
+        "REGEX",
+        "EBNF_GRAMMAR",
+        "STRUCTURAL_TAG",
+    }
     for event_class in (
         "KVCacheEvent KVCacheStoredData KVCacheStoredBlockData KVCacheRemovedData "
         "KVCacheCreatedData KVCacheUpdatedData UniqueToken KVCacheEventManager"

@@ -1,7 +1,7 @@
 """Double of `tensorrt_llm.sampling_params` (the LLM API's per-request parameters).
 
 Fields, defaults, `__post_init__` and `_validate` follow tensorrt_llm/sampling_params.py as read at
-NVIDIA/TensorRT-LLM@a98a9061 (the 1.1/1.2 line: `@dataclass(slots=True, kw_only=True)`,
+NVIDIA/TensorRT-LLM@a98a9061 (version.py not stored at that commit; `@dataclass(slots=True, kw_only=True)`,
 `stop_token_ids` are single tokens, `end_id=None` makes `LLM` fill it from its tokenizer). Only the
 fields the double acts on are used further; the others are accepted and ignored.
 """

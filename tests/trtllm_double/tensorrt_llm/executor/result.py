@@ -1,7 +1,8 @@
 """Double of `tensorrt_llm/executor/result.py`: `GenerationResult`, `CompletionOutput`,
-`IterationResult`, as read at NVIDIA/TensorRT-LLM (1.1/1.2 line, `_handle_sequence` with the
-PyTorch-backend branch "each streamed response_tensors.log_probs[src_idx] contains a streamwise
-monotonically growing list of logprobs").
+`IterationResult`, as read at NVIDIA/TensorRT-LLM tensorrt_llm/executor/result.py@a678b91a
+(`Logprob`, `CompletionOutput`, `GenerationResultBase`; `_handle_sequence` with the PyTorch-backend
+branch "each streamed response_tensors.log_probs[src_idx] contains a streamwise monotonically
+growing list of logprobs").
 
 Streaming semantics kept: every response extends `outputs[0].token_ids` and moves the
 `_last_*_len` cursors, so `token_ids_diff` / `logprobs_diff` are the new part; the final response
@@ -73,6 +74,9 @@ class CompletionOutput:
 
 class GenerationResult:
     """One request's stream; iterate it with `async for` (each step returns the result itself)."""
+
+    # True where `log_probs` come as TokenLogprobs dicts (the LLM API's PyTorch backend).
+    _token_logprobs = False
 
     def __init__(
         self,
@@ -166,7 +170,17 @@ class GenerationResult:
             output.cumulative_logprob = result.cum_log_probs[0]
         if result.log_probs is not None:
             output._last_logprobs_len = len(output.logprobs)
-            output.logprobs += result.log_probs[0][output._last_logprobs_len :]
+            new = result.log_probs[0][output._last_logprobs_len :]
+            if self._token_logprobs:
+                # PyTorch backend: `LlmResult.log_probs` is `LogProbStorage.log_probs`, a
+                # `list[TokenLogprobs]`: one `{token_id: Logprob}` per generated token, the
+                # sampled token first (_torch/pyexecutor/llm_request.py@06517d23 sums
+                # `next(iter(prob.values())).logprob` into cum_log_probs). The double's model is
+                # greedy, so the sampled token is the top one: rank 1.
+                start = output._last_logprobs_len
+                tokens = output.token_ids[start : start + len(new)]
+                new = [{t: Logprob(float(lp), rank=1)} for t, lp in zip(tokens, new, strict=False)]
+            output.logprobs += new
             if result.finish_reasons[0] != tllm.FinishReason.CANCELLED:
                 if len(output.logprobs) > output.length:
                     output.logprobs = output.logprobs[: output.length]

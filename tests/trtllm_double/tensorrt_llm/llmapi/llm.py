@@ -1,5 +1,9 @@
-"""Double of `tensorrt_llm.LLM` on the PyTorch backend (`tensorrt_llm/llmapi/llm.py`, 1.1/1.2 line:
-`BaseLLM.__init__`, `generate_async`, `get_stats_async`, `get_kv_cache_events_async`, `shutdown`).
+"""Double of `tensorrt_llm.LLM` on the PyTorch backend (NVIDIA/TensorRT-LLM tensorrt_llm/llmapi/llm.py@4c05a748:
+`BaseLLM.__init__`, `generate_async`, `get_stats_async`, `get_kv_cache_events_async`, `shutdown`,
+`_prepare_sampling_params`, `_check_arguments`; signatures pinned by
+tests/unit/test_trtllm_llmapi_conformance.py). That commit's version.py is not stored, so its exact
+version is not established: it is the BaseLLM/TorchLlmArgs generation with `scheduling_params`,
+`cache_salt` and `orchestrator_type`, the shape the 1.2 release has.
 
 What is mirrored, with the real behaviour it stands for:
 - the constructor rejects unknown keywords ("LLM got invalid argument: <key>"), needs a local HF
@@ -47,6 +51,8 @@ from .llm_args import TORCH_LLM_ARGS, KvCacheConfig
 
 class RequestOutput(GenerationResult):
     """The output data of a completion request to the LLM."""
+
+    _token_logprobs = True
 
     @property
     def prompt(self) -> str | None:

@@ -1,17 +1,21 @@
 """Double of `tensorrt_llm/llmapi/llm_args.py`: `KvCacheConfig` and the names `LLM(**kwargs)`
 accepts on the PyTorch backend.
 
-KvCacheConfig fields and defaults as read at NVIDIA/TensorRT-LLM (1.1/1.2 line, `class
-KvCacheConfig(StrictBaseModel, PybindMirror)`: `free_gpu_memory_fraction=0.9`,
-`event_buffer_max_size=0` disables events, `tokens_per_block=32` is the PyTorch backend's block
-size). `StrictBaseModel` forbids unknown fields, so a misspelt knob fails at construction.
+KvCacheConfig fields and defaults as read at NVIDIA/TensorRT-LLM tensorrt_llm/llmapi/llm_args.py@c40f1157
+(`class KvCacheConfig(StrictBaseModel, PybindMirror)`: `free_gpu_memory_fraction=None`, the 90%
+default being the C++ KvCacheConfig's that `_to_pybind` hands None to; `event_buffer_max_size=0`
+disables events; `tokens_per_block=32` is the PyTorch backend's block size). That class has
+validators for `max_gpu_total_bytes` and `max_attention_window` only; the fraction's range is
+checked by the binding (the bindings double's `KvCacheConfig`). `StrictBaseModel` forbids unknown
+fields, so a misspelt knob fails at construction. The names in TORCH_LLM_ARGS are BaseLlmArgs'
+fields at the same commit (plus TorchLlmArgs' the double knows).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict
 
 
 class KvCacheConfig(BaseModel):
@@ -21,7 +25,7 @@ class KvCacheConfig(BaseModel):
     max_tokens: int | None = None
     max_attention_window: list[int] | None = None
     sink_token_length: int | None = None
-    free_gpu_memory_fraction: float | None = 0.9
+    free_gpu_memory_fraction: float | None = None
     host_cache_size: int | None = None
     onboard_blocks: bool = True
     cross_kv_cache_fraction: float | None = None
@@ -35,15 +39,6 @@ class KvCacheConfig(BaseModel):
     dtype: str = "auto"
     mamba_ssm_cache_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     tokens_per_block: int = 32
-
-    @field_validator("free_gpu_memory_fraction")
-    @classmethod
-    def validate_free_gpu_memory_fraction(cls, v: float) -> float:
-        if not 0 <= v <= 1:
-            raise ValueError(
-                "kv_cache_config.free_gpu_memory_fraction must be a float between 0 and 1"
-            )
-        return v
 
 
 # BaseLlmArgs' fields (and those of TorchLlmArgs the double knows); BaseLLM.__init__ rejects any

@@ -93,6 +93,9 @@ class EngineSpec:
 
     @classmethod
     def from_engine_dir(cls, model_path: str | Path) -> EngineSpec:
+        # The keys `GptJsonConfig::parse` reads (gptJsonConfig.cpp@b57221b7; see
+        # deployments/executors/trtllm_config.py `parse_engine_layout`), 32 being PluginConfig's
+        # tokens_per_block default (plugin/plugin.py@c20322ff).
         path = Path(model_path) / "config.json"
         if not path.exists():
             raise RuntimeError(f"[TensorRT-LLM][ERROR] File does not exist: {path}")

@@ -1,6 +1,6 @@
 """`GuidedDecodingConfig` and `GuidedDecodingParams` of the 1.2 bindings.
 
-Signatures from nanobind/executor/executorConfig.cpp (`GuidedDecodingConfig(backend, encoded_vocab=None,
+Signatures from nanobind/executor/executorConfig.cpp@c40f1157 (`GuidedDecodingConfig(backend, encoded_vocab=None,
 tokenizer_str=None, stop_token_ids=None)`, backend enum XGRAMMAR / LLGUIDANCE, read-write properties)
 and nanobind/executor/request.cpp@ac456dca (`GuidedDecodingParams(guide_type, guide=None)`, GuideType
 JSON / JSON_SCHEMA / REGEX / EBNF_GRAMMAR / STRUCTURAL_TAG, read-only properties). Checks from

@@ -1,4 +1,12 @@
-"""IterationStats, KvCacheStats and InflightBatchingStats (fields per bindings.cpp@a35c38f3, §4)."""
+"""IterationStats, KvCacheStats and InflightBatchingStats (fields per bindings.cpp@a35c38f3, §4).
+
+`to_json_str` is `JsonSerialization::toJsonStr` (cpp/tensorrt_llm/executor/jsonSerialization.cpp@092229bb):
+nlohmann `NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE` names each JSON key after the C++ member, so the keys are
+camelCase (`numQueuedRequests`, `kvCacheStats`, `maxNumBlocks`, `usedNumBlocks`, `cacheHitRate`,
+`iterLatencyMS`), and an empty optional is null. The LLM API's `get_stats_async` yields these dicts
+(llmapi/llm.py `get_stats_async` -> the executor's `aget_stats`). The double leaves out the six
+`maxBatchSize*`/`maxNumTokens*` members it does not model; every key it writes is a real one.
+"""
 
 from __future__ import annotations
 
@@ -51,8 +59,30 @@ class IterationStats:
     specdec_stats: None = None
 
     def to_json_str(self) -> str:
-        """camelCase keys, as the C++ JSON serialization names them (e.g. "kvCacheStats")."""
-        return json.dumps(_camel(asdict(self)))
+        fields = asdict(self)
+        return json.dumps({key: _camel(fields[name]) for key, name in _ITERATION_STATS_JSON})
+
+
+# (JSON key, field) in jsonSerialization.cpp@092229bb's IterationStats member order (not
+# `crossKvCacheStats`: that member is not serialized there).
+_ITERATION_STATS_JSON = [
+    ("timestamp", "timestamp"),
+    ("iter", "iter"),
+    ("iterLatencyMS", "iter_latency_ms"),
+    ("newActiveRequestsQueueLatencyMS", "new_active_requests_queue_latency_ms"),
+    ("numNewActiveRequests", "num_new_active_requests"),
+    ("numActiveRequests", "num_active_requests"),
+    ("numQueuedRequests", "num_queued_requests"),
+    ("numCompletedRequests", "num_completed_requests"),
+    ("maxNumActiveRequests", "max_num_active_requests"),
+    ("gpuMemUsage", "gpu_mem_usage"),
+    ("cpuMemUsage", "cpu_mem_usage"),
+    ("pinnedMemUsage", "pinned_mem_usage"),
+    ("kvCacheStats", "kv_cache_stats"),
+    ("staticBatchingStats", "static_batching_stats"),
+    ("inflightBatchingStats", "inflight_batching_stats"),
+    ("specDecodingStats", "specdec_stats"),
+]
 
 
 def _camel(value: object) -> object:
