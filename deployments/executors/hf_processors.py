@@ -14,7 +14,10 @@ own temperature, top-k and top-p processors, so the order is vLLM's (`vllm/v1/sa
      transformers' sampler takes that token.
 The tensor work is one batched operation per feature; Python loops once per request per step only to read
 the new tokens, which transformers' scheduler hands over as a Python list anyway. Grammar masks are filled
-for all rows at once by llguidance's thread pool (`fill_next_token_bitmask_par`, without the GIL).
+for all rows at once by llguidance's thread pool (`fill_next_token_bitmask_par`, without the GIL), started
+in `prepare` so that it runs while the forward pass does: a mask depends only on the tokens already sampled,
+and where a step is short (a small model on a GPU) filling it afterwards, in series, cost a quarter of the
+guided throughput at c=64 (benchmarks/README.md, guided decoding).
 
 Threading: `prepare`/the hooks run on transformers' generation thread; `release`, `take_outputs` and
 `take_error` are called from the event loop (a lock guards what both sides touch).
@@ -23,6 +26,7 @@ Threading: `prepare`/the hooks run on transformers' generation thread; `release`
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import weakref
@@ -165,6 +169,11 @@ class GrammarCompiler:
         )
         self._max_entries = max_entries
         self._executor = llguidance.LLExecutor()
+        # One thread that only waits on llguidance's pool (which releases the GIL), so that the
+        # generation thread can launch the forward pass meanwhile.
+        self._filler = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="shepherd-grammar"
+        )
         self.num_compiled = 0
         self.num_cached = 0
 
@@ -198,6 +207,12 @@ class GrammarCompiler:
             batch_size,
         )
 
+    def start_fill(
+        self, matchers: list[Any], bitmask: torch.Tensor
+    ) -> concurrent.futures.Future[None]:
+        """`fill_bitmask` on another thread; the matchers must not change until the future is done."""
+        return self._filler.submit(self.fill_bitmask, matchers, bitmask)
+
 
 # ---- per request and per step state -------------------------------------------------------------------
 @dataclass(slots=True)
@@ -229,6 +244,9 @@ class _Batch:
     sampled: list[int] = field(default_factory=list)
     with_logprobs: list[int] = field(default_factory=list)
     logprobs: torch.Tensor | None = None  # [len(with_logprobs), vocab]
+    # The grammar rows being filled while the forward pass runs: positions in `guided`, their bitmask.
+    filling: list[int] = field(default_factory=list)
+    filled: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +289,7 @@ class BatchSampler:
         self._device = torch.device(device)
         self._entries: dict[str, _Entry] = {}
         self._batch: _Batch | None = None
+        self._fill: concurrent.futures.Future[None] | None = None
         self._lock = threading.Lock()
         self._released: collections.deque[str] = collections.deque()
         self._outputs: dict[str, list[StepOutput]] = {}
@@ -331,7 +350,9 @@ class BatchSampler:
 
     # ---- on the generation thread -----------------------------------------------------------------------
     def prepare(self, requests: list[Any]) -> torch.Tensor:
-        """Before the forward pass: reads each row's new tokens and decides what each row needs."""
+        """Before the forward pass: reads each row's new tokens, decides what each row needs and starts
+        filling the grammar masks."""
+        self._settle_fill()  # a step whose hooks did not run may have left one; matchers change below
         self._forget_released()
         batch = _Batch()
         for row, future in enumerate(requests):
@@ -364,6 +385,8 @@ class BatchSampler:
             if spec.num_logprobs >= 0:
                 batch.with_logprobs.append(position)
         self._batch = batch if batch.rows else None
+        if batch.guided and self._grammars is not None:
+            self._start_fill(batch, self._grammars)
         self._num_steps += 1
         if self._num_steps % 256 == 0:
             self._forget_dead()
@@ -419,6 +442,24 @@ class BatchSampler:
         return scores.index_copy(0, rows, one_hot)
 
     # ---- helpers --------------------------------------------------------------------------------------
+    def _start_fill(self, batch: _Batch, grammars: GrammarCompiler) -> None:
+        batch.filling = [
+            i
+            for i, p in enumerate(batch.guided)
+            if batch.entries[p].error is None and batch.entries[p].matcher is not None
+        ]
+        if not batch.filling:
+            return
+        words = (self.vocab_size + 31) // 32
+        batch.filled = torch.empty((len(batch.filling), words), dtype=torch.int32)
+        matchers = [batch.entries[batch.guided[i]].matcher for i in batch.filling]
+        self._fill = grammars.start_fill(matchers, batch.filled)
+
+    def _settle_fill(self) -> None:
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            fill.result()
+
     def _register(self, state: Any, spec: RequestSampling) -> _Entry:
         request_id = state.request_id
         entry = _Entry(request_id, spec, weakref.ref(state))
@@ -473,11 +514,10 @@ class BatchSampler:
         entries = [batch.entries[p] for p in batch.guided]
         grammars = self._grammars
         bitmask = torch.zeros((len(entries), (vocab_size + 31) // 32), dtype=torch.int32)
-        live = [i for i, e in enumerate(entries) if e.error is None and e.matcher is not None]
-        if live and grammars is not None:
-            filled = torch.empty((len(live), bitmask.shape[1]), dtype=torch.int32)
-            grammars.fill_bitmask([entries[i].matcher for i in live], filled)
-            bitmask[live] = filled
+        self._settle_fill()
+        if batch.filled is not None:
+            words = min(bitmask.shape[1], batch.filled.shape[1])
+            bitmask[batch.filling, :words] = batch.filled[:, :words]
         allowed = unpack_bitmask(bitmask.to(device), vocab_size)
         # llguidance allows the tokenizer's EOS where the grammar may end; a request ends with its own stop
         # tokens instead (a chat turn's end-of-turn token, say), and a failed grammar may only end.

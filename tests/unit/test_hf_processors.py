@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -244,6 +245,51 @@ def test_a_guided_row_may_only_take_what_the_grammar_allows(
         pytest.fail("the grammar never allowed the end of the turn")
     text = tokenizer.decode(state.generated_tokens)
     assert json.loads(text) in ({"ok": True}, {"ok": False})
+    assert sampler.take_error("g") is None
+
+
+def test_the_mask_fills_while_the_forward_pass_runs_and_is_whole_when_used(
+    compiler: GrammarCompiler, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    fill_threads: list[str] = []
+    fill = compiler.fill_bitmask
+
+    def held_fill(matchers: list[Any], bitmask: torch.Tensor) -> None:
+        fill_threads.append(threading.current_thread().name)
+        started.set()
+        assert release.wait(10)
+        fill(matchers, bitmask)
+
+    monkeypatch.setattr(compiler, "fill_bitmask", held_fill)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    guided = spec(guided_decoding=grammars.json_schema_spec(schema), stop_token_ids=(2,))
+    reference = compiler.matcher(guided.guided_decoding)
+
+    def reference_allowed() -> list[int]:
+        bitmask = torch.empty((1, (compiler.vocab_size + 31) // 32), dtype=torch.int32)
+        fill([reference], bitmask)
+        allowed = unpack_bitmask(bitmask, compiler.vocab_size)[0]
+        allowed[compiler.eos_token_id] = False  # the request ends with its own stop ids
+        return allowed.nonzero().flatten().tolist()
+
+    sampler = BatchSampler(compiler.vocab_size, compiler)
+    state = FakeState("g", guided, [0])
+    sampler.prepare([SimpleNamespace(state=state)])  # returns while the fill is held: no waiting
+    assert started.wait(10)
+    assert fill_threads == [fill_threads[0]] and fill_threads[0].startswith("shepherd-grammar")
+    release.set()
+    before = sampler.before_warpers(torch.zeros(1, compiler.vocab_size))
+    allowed = before[0].isfinite().nonzero().flatten().tolist()
+    assert allowed == reference_allowed()
+    sampler.after_warpers(before)
+    # A step whose hooks never ran: the next prepare advances the matcher only after that fill is done.
+    state.generated_tokens.append(allowed[0])
+    reference.consume_tokens([allowed[0]])
+    sampler.prepare([SimpleNamespace(state=state)])
+    sampler.prepare([SimpleNamespace(state=state)])
+    before = sampler.before_warpers(torch.zeros(1, compiler.vocab_size))
+    assert before[0].isfinite().nonzero().flatten().tolist() == reference_allowed()
     assert sampler.take_error("g") is None
 
 
