@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import loadgen
+from benchmarks.common import REPO, commit_of
 from deployments import grammars
 from deployments.config import TransformersEngineConfig
 from deployments.embedded_model import ensure_embedded_model
@@ -229,6 +231,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         mode: statistics.median(r["tokens_per_s"] for r in rounds) for mode, rounds in runs.items()
     }
     return {
+        "machine": loadgen.machine_info(),
+        "commit": commit_of(REPO),
         "model_dir": model_dir,
         "device": executor.device,
         "vocab_size": vocab_size,
