@@ -199,10 +199,43 @@ def check_gguf_header(gguf_path: Path, header: dict[str, Any]) -> None:
             str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
         )
     except (ValueError, KeyError) as error:
+        # A file cut short (an interrupted download or copy) fails here too, with a numpy error.
+        size, needed = gguf_path.stat().st_size, _gguf_data_end(gguf_path)
+        if needed is not None and size < needed:
+            raise ModelSourceError(
+                f"model.path {str(gguf_path)!r}: the file is truncated: it has {size:,} bytes and its "
+                f"tensors end at byte {needed:,}; copy or download it again"
+            ) from None
         raise ModelSourceError(
             f"model.path {str(gguf_path)!r}: GGUF architecture {header['general.architecture']!r} is "
             f"not supported (transformers {metadata.version('transformers')}: {error})"
         ) from None
+
+
+def _gguf_data_end(gguf_path: Path) -> int | None:
+    """Where the file's last tensor ends, from its tensor table (None where the table cannot be read)."""
+    import gguf
+    import numpy as np
+
+    class _TensorTable(gguf.GGUFReader):
+        # GGUFReader maps every tensor as it reads the table, which fails on a short file; this keeps
+        # the table and maps nothing.
+        data_end = 0
+
+        def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+            for field in fields:
+                _, _, _, dims, raw_type, offset = field.parts
+                block_size, type_size = gguf.GGML_QUANT_SIZES[
+                    gguf.GGMLQuantizationType(raw_type[0])
+                ]
+                end = start_offs + int(offset[0]) + int(np.prod(dims)) * type_size // block_size
+                self.data_end = max(self.data_end, end)
+            self.tensors = []
+
+    try:
+        return _TensorTable(str(gguf_path)).data_end
+    except (ValueError, KeyError, IndexError, OSError, AttributeError, TypeError):
+        return None
 
 
 def convert_gguf(gguf_path: Path, header: dict[str, Any], out_dir: Path) -> None:

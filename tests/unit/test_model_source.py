@@ -69,6 +69,18 @@ def test_a_truncated_gguf_is_refused(tmp_path: Path) -> None:
         resolve(tmp_path / "cut.gguf", tmp_path)
 
 
+def test_a_gguf_cut_inside_its_tensor_data_is_called_truncated(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "short.gguf", "llama", "{{ messages }}")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-16])
+    with pytest.raises(
+        ModelSourceError,
+        match=rf"short\.gguf'?: the file is truncated: it has {len(whole) - 16:,} bytes and its "
+        rf"tensors end at byte {len(whole):,}",
+    ):
+        resolve(path, tmp_path)
+
+
 def test_an_unsupported_architecture_is_refused(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "rwkv.gguf", "rwkv6", "{{ messages }}")
     with pytest.raises(
