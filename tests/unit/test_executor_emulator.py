@@ -24,7 +24,8 @@ from deployments.messages import FinishReason, GenerateRequest, TokenDelta
 
 # Zero latencies keep the tests fast; none of them asserts on time.
 FAST = EmulatorConfig(ttft_ms=0, itl_ms=0, max_batch_size=256)
-STEPPING = EmulatorConfig(ttft_ms=1, itl_ms=1, max_batch_size=256)
+# Tokens 20 ms apart: a reader late by less than that (a busy CI machine) sees them one delta at a time.
+STEPPING = EmulatorConfig(ttft_ms=1, itl_ms=20, max_batch_size=256)
 T = TypeVar("T")
 
 
@@ -232,7 +233,7 @@ def test_a_stream_interval_groups_tokens_after_the_first(model_dir: Path) -> Non
     assert token_ids_of(grouped) == token_ids_of(plain) and len(token_ids_of(plain)) == 11
     # A late step emits several tokens at once, so sizes are bounds, not exact (no test asserts on time).
     sizes = [len(delta.token_ids) for delta in grouped]
-    assert sizes[0] == 1  # the first token alone: TTFT does not change
+    assert sizes[0] < 4  # the first token is not held for the interval: TTFT does not change
     assert all(size >= 4 for size in sizes[1:-1]) and len(sizes) <= 4
     assert grouped[-1].finish_reason is FinishReason.LENGTH
 
