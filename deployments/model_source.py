@@ -214,28 +214,16 @@ def check_gguf_header(gguf_path: Path, header: dict[str, Any]) -> None:
 
 def _gguf_data_end(gguf_path: Path) -> int | None:
     """Where the file's last tensor ends, from its tensor table (None where the table cannot be read)."""
-    import gguf
-    import numpy as np
-
-    class _TensorTable(gguf.GGUFReader):
-        # GGUFReader maps every tensor as it reads the table, which fails on a short file; this keeps
-        # the table and maps nothing.
-        data_end = 0
-
-        def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
-            for field in fields:
-                _, _, _, dims, raw_type, offset = field.parts
-                block_size, type_size = gguf.GGML_QUANT_SIZES[
-                    gguf.GGMLQuantizationType(raw_type[0])
-                ]
-                end = start_offs + int(offset[0]) + int(np.prod(dims)) * type_size // block_size
-                self.data_end = max(self.data_end, end)
-            self.tensors = []
+    from transformers.integrations.gguf.reader import GgufHeader
 
     try:
-        return _TensorTable(str(gguf_path)).data_end
-    except (ValueError, KeyError, IndexError, OSError, AttributeError, TypeError):
+        header = GgufHeader.from_file(str(gguf_path))
+    except (ValueError, KeyError, IndexError, OSError, struct.error):
         return None
+    return max(
+        (header.data_start + tensor.offset + tensor.nbytes for tensor in header.tensors),
+        default=header.data_start,
+    )
 
 
 def convert_gguf(gguf_path: Path, header: dict[str, Any], out_dir: Path) -> None:
